@@ -1,0 +1,134 @@
+"""KV caches that stay exact after a rewind, including sliding-window ones that have wrapped.
+
+mlx-lm's RotatingKVCache keeps exactly `window` entries, so once it has wrapped a rewind
+cannot restore the entries that the rejected tokens overwrote. SlidingKVCache keeps
+`slack` extra entries and masks by absolute position, so a rewind of up to `slack`
+tokens is exact at any offset.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+
+class FullKVCache(KVCache):
+    """mlx-lm's KVCache whose trim refuses to do less than asked."""
+
+    def trim(self, n: int) -> int:
+        if n > self.offset:
+            raise ValueError(f"cannot rewind {n} tokens: the cache holds {self.offset}")
+        self.offset -= n
+        return n
+
+
+
+class SlidingKVCache:
+    """Ring buffer of the last `window - 1 + slack` keys/values, slot = position % capacity.
+
+    `make_mask(n)`, called before `update_and_fetch` of those n tokens (as mlx-lm models
+    do), gives the boolean mask over the keys that `update_and_fetch` will return.
+    """
+
+    def __init__(self, window: int, slack: int = 4):
+        if window < 1 or slack < 1:
+            raise ValueError("window and slack must be positive")
+        self.window = window
+        self.slack = slack
+        self.capacity = window - 1 + slack
+        self.keys = None
+        self.values = None
+        self.offset = 0  # absolute position of the next token
+        self.stored = 0  # valid entries in the ring (the positions offset-stored .. offset-1)
+
+    def _in_place(self, n: int) -> bool:
+        # The n oldest slots are not needed by any of the n new queries when n <= slack.
+        return self.keys is not None and n <= self.slack and self.keys.shape[2] == self.capacity
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        n = keys.shape[2]
+        if self._in_place(n):
+            first = self.offset % self.capacity
+            idx = (mx.arange(n) + first) % self.capacity
+            self.keys[:, :, idx] = keys
+            self.values[:, :, idx] = values
+            self.offset += n
+            self.stored = min(self.stored + n, self.capacity)
+            return self.keys, self.values
+        old_k, old_v = self._ordered()
+        all_k = keys if old_k is None else mx.concatenate([old_k, keys], axis=2)
+        all_v = values if old_v is None else mx.concatenate([old_v, values], axis=2)
+        self.offset += n
+        self.stored = min(self.stored + n, self.capacity)
+        self._store(all_k[:, :, -self.stored :], all_v[:, :, -self.stored :])
+        return all_k, all_v
+
+    def _ordered(self):
+        """Valid entries in position order, or (None, None)."""
+        if self.keys is None or self.stored == 0:
+            return None, None
+        first = (self.offset - self.stored) % self.capacity
+        idx = (mx.arange(self.stored) + first) % self.keys.shape[2]
+        return self.keys[:, :, idx], self.values[:, :, idx]
+
+    def _store(self, keys: mx.array, values: mx.array):
+        # keys hold positions offset-stored .. offset-1; lay them out at slot p % capacity
+        B, H, n, D = keys.shape
+        if n < self.capacity:
+            pad = mx.zeros((B, H, self.capacity - n, D), dtype=keys.dtype)
+            keys = mx.concatenate([keys, pad], axis=2)
+            values = mx.concatenate([values, pad.astype(values.dtype)], axis=2)
+        shift = (self.offset - n) % self.capacity
+        self.keys = mx.roll(keys, shift, axis=2)
+        self.values = mx.roll(values, shift, axis=2)
+
+    def make_mask(self, n: int, window_size=None, return_array: bool = False):
+        q = mx.arange(self.offset, self.offset + n)[:, None]
+        if not self._in_place(n):
+            k = mx.arange(self.offset - self.stored, self.offset + n)[None]
+            return (k <= q) & (q - k < self.window)
+        end = self.offset + n  # offset and stored after the update
+        stored = min(self.stored + n, self.capacity)
+        slots = mx.arange(self.capacity)
+        k = (end - 1 - (end - 1 - slots) % self.capacity)[None]  # newest position in each slot
+        return (k >= end - stored) & (k <= q) & (q - k < self.window)
+
+    def trim(self, n: int) -> int:
+        needed = min(self.offset - n, self.window - 1)
+        if n > self.offset or self.stored - n < needed:
+            raise ValueError(
+                f"cannot rewind {n} tokens: a sliding cache with slack {self.slack} "
+                f"can rewind at most {self.stored - min(self.offset, self.window - 1)} now"
+            )
+        self.offset -= n
+        self.stored -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    @property
+    def state(self):
+        return self._ordered()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def causal_mask(start: int, n: int, end: int, window: Optional[int] = None) -> mx.array:
+    """Boolean mask [n, end] for queries at start..start+n-1 over keys at 0..end-1."""
+    q = mx.arange(start, start + n)[:, None]
+    k = mx.arange(end)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+def rewind(caches: List, n: int) -> int:
+    """Remove the last n tokens from every cache; raises if any cache cannot."""
+    for c in caches:
+        if c is not None and c.trim(n) != n:
+            raise ValueError(f"{type(c).__name__} could not rewind {n} tokens")
+    return n

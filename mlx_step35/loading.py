@@ -1,0 +1,99 @@
+"""`load()`: an HF checkpoint (quantized while loading, shard by shard) or our conversion."""
+
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+from mlx.utils import tree_unflatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from .config import ModelArgs, load_config, parse_config
+from .model import Model
+from .safetensors_io import CheckpointError
+from .weights import QuantRecipe, WeightPlan, checkpoint_keys, has_mtp_weights, stream, warn_unused
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def resolve_path(path_or_repo: Union[str, Path]) -> Path:
+    """A local directory, or a Hugging Face repo id already in the local hub cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if not path.exists() and "/" in str(path_or_repo) and not str(path_or_repo).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(path_or_repo), local_files_only=True))
+        except Exception:
+            pass
+    raise CheckpointError(
+        f"{path_or_repo}: no such model directory (and not a Hugging Face repo in the local cache)"
+    )
+
+
+def parse_dtype(dtype) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def make_recipe(quantize, q_bits: int = 4, q_group_size: int = 64) -> Optional[QuantRecipe]:
+    if isinstance(quantize, QuantRecipe):
+        return quantize
+    return QuantRecipe(bits=q_bits, group_size=q_group_size) if quantize else None
+
+
+def build(path: Path, *, recipe, dtype, mtp: bool):
+    """Model with empty (lazy) weights, its args, config, checkpoint keys and weight plan."""
+    config = load_config(path)
+    args = parse_config(config)
+    keys = checkpoint_keys(path)
+    nested = config.get("model_type") == "step3p7"
+    with_mtp = mtp and args.num_nextn_predict_layers > 0 and has_mtp_weights(keys, args, nested)
+    if mtp and args.num_nextn_predict_layers > 0 and not with_mtp:
+        warnings.warn(f"{path}: the checkpoint has no MTP weights; loading the trunk only", stacklevel=3)
+    model = Model(args, mtp=with_mtp)
+    plan = WeightPlan(model, args, config, keys, recipe, dtype)
+    warn_unused(keys, args, nested)
+    return model, args, config, keys, plan
+
+
+def load(
+    path: Union[str, Path],
+    *,
+    quantize: Union[bool, QuantRecipe] = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Union[str, mx.Dtype] = "bfloat16",
+    mtp: bool = True,
+) -> Tuple[Model, TokenizerWrapper]:
+    """Load a Step-3.5/3.7-Flash model and its tokenizer.
+
+    `path` is an original HF checkpoint (BF16 shards + index), a directory written by
+    `convert`, or an mlx-lm conversion. Full-precision weights are quantized while they
+    stream in, one tensor (stacked experts: one slice) at a time, following `QuantRecipe`
+    (`quantize=False` keeps `dtype`). Already-quantized weights load as stored. With
+    `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
+    """
+    path = resolve_path(path)
+    model, args, _, keys, plan = build(
+        path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
+    )
+    seen = set()
+    for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp):
+        if name in seen:
+            raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
+        seen.add(name)
+        model.update(tree_unflatten([(name, arr)]), strict=False)
+    missing = plan.missing(seen)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    model.eval()
+    tokenizer = load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
+    return model, tokenizer

@@ -1,0 +1,260 @@
+"""Step-3.5-Flash in MLX: the trunk, lm_head, and the three MTP blocks.
+
+Module names follow mlx-lm's step3p5 for the trunk (so our conversions load in stock
+mlx-lm) and the checkpoint's own names inside the MTP blocks. Norm weights hold the
+effective scale (1 + w of the zero-centred checkpoint); the loader does that once.
+"""
+
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
+from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
+
+from .cache import FullKVCache, SlidingKVCache
+from .config import ModelArgs
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, limit: float = 0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.limit = limit if limit > 0 else None  # 0 in the config means no clamp
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.limit is None:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
+
+
+@mx.compile
+def _route(logits, bias, top_k: int, scale: float, normalize: bool):
+    scores = mx.sigmoid(logits.astype(mx.float32))  # [B, L, E]
+    idx = mx.argpartition(-(scores + bias), kth=top_k - 1, axis=-1)[..., :top_k]  # [B, L, top_k]
+    weights = mx.take_along_axis(scores, idx, axis=-1)  # unbiased scores of the chosen experts
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return idx, weights * scale
+
+
+class MoEGate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.moe_top_k
+        self.scale = args.moe_router_scaling_factor
+        self.normalize = args.norm_expert_weight
+        self.gate = nn.Linear(args.hidden_size, args.moe_num_experts, bias=False)
+        self.router_bias = mx.zeros((args.moe_num_experts,), dtype=mx.float32)
+
+    def __call__(self, x: mx.array):
+        return _route(self.gate(x), self.router_bias, self.top_k, self.scale, self.normalize)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        limit = args.swiglu_limit(i, shared=False)
+        self.gate = MoEGate(args)
+        self.switch_mlp = SwitchGLU(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.moe_num_experts,
+            activation=ClampedSwiGLU(limit) if limit > 0 else SwiGLU(),
+        )
+        self.share_expert = MLP(
+            args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True)
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        idx, weights = self.gate(x)  # [B, L, top_k]
+        routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
+        routed = (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2)
+        return routed + self.share_expert(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, i: int, position_shift: int = 0):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.num_heads, self.num_kv_heads = args.heads(i)
+        self.scale = hd**-0.5
+        self.position_shift = position_shift  # MTP block k sees RoPE position t + k
+        self.q_proj = nn.Linear(dim, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.use_gate = args.use_head_wise_attn_gate
+        if self.use_gate:
+            self.g_proj = nn.Linear(dim, self.num_heads, bias=False)
+        self.rope = initialize_rope(
+            dims=int(hd * args.rotary_factor(i)),
+            base=args.rope_theta_at(i),
+            traditional=False,
+            scaling_config=args.rope_scaling_at(i),
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = (cache.offset if cache is not None else 0) + self.position_shift
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
+        if self.use_gate:
+            out = out * mx.sigmoid(self.g_proj(x))[..., None]
+        return self.o_proj(out.reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, i: int, position_shift: int = 0):
+        super().__init__()
+        self.is_sliding = args.is_sliding(i)
+        self.self_attn = Attention(args, i, position_shift)
+        if args.is_moe(i):
+            self.mlp = MoE(args, i)
+        else:
+            limit = args.swiglu_limit(i, shared=True)
+            self.mlp = MLP(args.hidden_size, args.intermediate_size, limit)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return self.output(self.norm(h))
+
+
+class MTPBlock(DecoderLayer):
+    """MTP block k (layer num_hidden_layers + k - 1): a dense decoder layer fed
+    eh_proj([enorm(embed(x_{t+k})), hnorm(h_{k-1,t})]), with its own output head."""
+
+    def __init__(self, args: ModelArgs, k: int):
+        super().__init__(args, args.num_hidden_layers + k - 1, position_shift=k)
+        self.window = args.sliding_window if self.is_sliding else None
+        self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = SharedHead(args)
+
+    def __call__(self, emb: mx.array, h_prev: mx.array, cache=None) -> mx.array:
+        """emb: embeddings of x_{t+k}; h_prev: h_{k-1,t}. Returns h_{k,t} (before the head norm)."""
+        u = self.eh_proj(mx.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
+        mask = create_attention_mask(u, cache, window_size=self.window)
+        return super().__call__(u, mask, cache)
+
+
+class Step3p5Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self._first = {}  # index of the first layer of each kind, whose cache gives the mask
+        for i, layer in enumerate(self.layers):
+            self._first.setdefault(layer.is_sliding, i)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+        """Hidden states after the last layer, before the final norm: [B, L, H]."""
+        h = self.embed_tokens(inputs)
+        cache = cache or [None] * len(self.layers)
+        masks = {
+            sliding: create_attention_mask(
+                h, cache[i], window_size=self.args.sliding_window if sliding else None
+            )
+            for sliding, i in self._first.items()
+        }
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, masks[layer.is_sliding], c)
+        return h
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, mtp: bool = True):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Step3p5Model(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        n_mtp = args.num_nextn_predict_layers if mtp else 0
+        self.mtp = [MTPBlock(args, k) for k in range(1, n_mtp + 1)]
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def num_mtp(self) -> int:
+        return len(self.mtp)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+        return self.logits(self.model(inputs, cache))
+
+    def hidden(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+        """Trunk hidden states before the final norm (what the MTP blocks read)."""
+        return self.model(inputs, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.lm_head(self.model.norm(hidden))
+
+    def make_cache(self, slack: int = 4) -> List[Any]:
+        """One cache per trunk layer; sliding ones can rewind up to `slack` tokens."""
+        return [self._cache(layer.is_sliding, slack) for layer in self.layers]
+
+    def make_mtp_cache(self, slack: int = 4) -> List[Any]:
+        return [self._cache(block.is_sliding, slack) for block in self.mtp]
+
+    def _cache(self, sliding: bool, slack: int):
+        return SlidingKVCache(self.args.sliding_window, slack) if sliding else FullKVCache()
+
+    def _require_mtp(self):
+        if not self.mtp:
+            raise ValueError(
+                "this model has no MTP weights (checkpoint without layers "
+                f"{self.args.num_hidden_layers}+ or loaded with mtp=False)"
+            )
+
+    def mtp_step(self, k: int, tokens: mx.array, h_prev: mx.array, cache=None):
+        """Block k on tokens x_{t+k} and h_{k-1,t}: returns (h_{k,t}, logits for x_{t+k+1})."""
+        self._require_mtp()
+        block = self.mtp[k - 1]
+        h = block(self.model.embed_tokens(tokens), h_prev, cache)
+        return h, block.shared_head(h)
+
+    def mtp_logits(self, tokens: mx.array) -> List[mx.array]:
+        """Teacher-forced MTP logits; element k-1 is [B, L-k, V], row t predicting x_{t+k+1}."""
+        self._require_mtp()
+        h = self.hidden(tokens)
+        out = []
+        L = tokens.shape[1]
+        for k in range(1, self.num_mtp + 1):
+            h, logits = self.mtp_step(k, tokens[:, k:], h[:, : L - k])
+            out.append(logits)
+        return out
+
+    @property
+    def cast_predicate(self):
+        return lambda path: "router_bias" not in path

@@ -1,0 +1,231 @@
+"""Checkpoint key names, the quantization recipe, and the streaming tensor pipeline
+shared by `load` (tensors go into the model) and `convert` (tensors go to new shards)."""
+
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import FORMAT_KEY, ModelArgs
+from .safetensors_io import CheckpointError, iter_shards, shard_files, ShardReader
+
+# HF checkpoint name -> our module name (mlx-lm's step3p5 names, so conversions load there too).
+RENAMES = [
+    (".moe.gate_proj.", ".mlp.switch_mlp.gate_proj."),  # stacked experts feed SwitchGLU
+    (".moe.up_proj.", ".mlp.switch_mlp.up_proj."),
+    (".moe.down_proj.", ".mlp.switch_mlp.down_proj."),
+    (".moe.gate.", ".mlp.gate.gate."),  # the router linear sits inside MoEGate
+    (".moe.router_bias", ".mlp.gate.router_bias"),
+    (".share_expert.", ".mlp.share_expert."),  # shared expert belongs to the MoE module
+]
+STEP37_PREFIX = "model.language_model."  # Step-3.7 multimodal checkpoints nest the text model
+# Keys deliberately not loaded, with the reason.
+SKIPPED = [
+    (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), "RoPE buffers are recomputed from the config"),
+]
+SKIPPED_37 = "Step-3.7 vision tower / projector: this runtime is text-only"
+MTP_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+SLICE_BYTES = 256 << 20  # read stacked experts in slices of about this size
+
+
+@dataclass
+class QuantRecipe:
+    """Bits per module kind. Routed experts (97% of the weights) use `bits`; the router
+    is tiny and decides discrete expert choices, so it keeps 8 bits; the vocab
+    projections (embedding, lm_head, MTP heads) set the logits that drafts are accepted
+    on, so they keep 6 bits; attention, dense and shared-expert MLPs and the MTP blocks,
+    read on every token, use `bits` too so decoding stays bandwidth-light."""
+
+    bits: int = 4
+    group_size: int = 64
+    router_bits: int = 8
+    vocab_bits: int = 6
+    mode: str = "affine"
+
+    def params(self, path: str, module: nn.Module) -> Optional[dict]:
+        if not hasattr(module, "to_quantized"):
+            return None
+        if module.weight.shape[-1] % self.group_size:
+            return None  # too narrow for the group size: stays in full precision
+        if path.endswith("mlp.gate.gate"):
+            bits = self.router_bits
+        elif path in ("model.embed_tokens", "lm_head") or path.endswith("shared_head.output"):
+            bits = self.vocab_bits
+        else:
+            bits = self.bits
+        return {"group_size": self.group_size, "bits": bits, "mode": self.mode}
+
+
+def source_format(config: dict, keys) -> str:
+    """'hf' (zero-centred norms, HF names) or 'mlx' (our or mlx-lm's conversion: norms are 1 + w)."""
+    if FORMAT_KEY in config:
+        return "mlx"
+    if any(".mlp.switch_mlp." in k for k in keys):
+        return "mlx"  # an mlx-lm conversion (its sanitize already added 1 to the norms)
+    return "hf"
+
+
+def to_internal(key: str, args: ModelArgs, nested: bool) -> Optional[str]:
+    """Our module path for checkpoint key `key`, or None when the key is skipped on purpose."""
+    if nested:
+        if key.startswith(STEP37_PREFIX):
+            key = "model." + key[len(STEP37_PREFIX) :]
+        elif not key.startswith("lm_head."):
+            return None  # SKIPPED_37
+    if any(p.search(key) for p, _ in SKIPPED):
+        return None
+    if key.startswith("model.lm_head."):
+        key = key[len("model.") :]
+    m = MTP_KEY.match(key)
+    if m and int(m.group(1)) >= args.num_hidden_layers:
+        j = int(m.group(1)) - args.num_hidden_layers
+        rest = m.group(2).replace("transformer.shared_head.", "shared_head.")
+        return f"mtp.{j}.{rest}"
+    for src, dst in RENAMES:
+        if src in key:
+            return key.replace(src, dst)
+    return key
+
+
+def to_storage(internal: str, args: ModelArgs) -> str:
+    """Name in our converted shards: mlx-lm's for the trunk, the checkpoint's for MTP
+    layers (mlx-lm's step3p5 skips layers >= num_hidden_layers, so it loads the trunk)."""
+    if internal.startswith("mtp."):
+        _, j, rest = internal.split(".", 2)
+        rest = rest.replace("shared_head.", "transformer.shared_head.")
+        return f"model.layers.{args.num_hidden_layers + int(j)}.{rest}"
+    return internal
+
+
+def checkpoint_keys(path: Path) -> Dict[str, Path]:
+    """Every tensor key -> its shard, from the index or the shard headers."""
+    files, weight_map = shard_files(path)
+    if weight_map:
+        return {k: path / v for k, v in weight_map.items()}
+    return {k: f for f in files for k in ShardReader(f).keys()}
+
+
+def has_mtp_weights(keys, args: ModelArgs, nested: bool) -> bool:
+    return any((to_internal(k, args, nested) or "").startswith("mtp.") for k in keys)
+
+
+class WeightPlan:
+    """What each tensor of `model` must look like, and how to get it from the checkpoint."""
+
+    def __init__(self, model: nn.Module, args: ModelArgs, config: dict, keys, recipe, dtype):
+        self.args = args
+        self.nested = config.get("model_type") == "step3p7"
+        self.fmt = source_format(config, keys)
+        self.dtype = dtype
+        self.cast = model.cast_predicate
+        self.shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
+        self.norms = {p for p, m in model.named_modules() if isinstance(m, nn.RMSNorm)}
+        stored_quant = config.get("quantization") or {}
+        internal_keys = {to_internal(k, args, self.nested) for k in keys}
+        self.quant = {}  # module path -> quantization params
+        self.prequant = set()  # modules stored already quantized in the checkpoint
+
+        def predicate(path, module):
+            if f"{path}.scales" in internal_keys:  # already quantized in the checkpoint
+                self.prequant.add(path)
+                params = stored_quant.get(path)
+                if params is None:
+                    params = {k: stored_quant[k] for k in ("group_size", "bits", "mode") if k in stored_quant}
+                    params.setdefault("mode", "affine")
+            else:
+                params = recipe.params(path, module) if recipe else None
+            if params:
+                self.quant[path] = params
+            return params or False
+
+        nn.quantize(model, class_predicate=predicate)
+        self.expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+    def tensors(self, reader: ShardReader, key: str) -> List[Tuple[str, mx.array]]:
+        """The (internal key, array) pairs that checkpoint tensor `key` becomes."""
+        internal = to_internal(key, self.args, self.nested)
+        if internal is None:
+            return []
+        module = internal.rpartition(".")[0]
+        quantize = module in self.quant and module not in self.prequant
+        want = self.shapes.get(internal) if quantize or module not in self.quant else self.expected.get(internal)
+        if want is None:
+            raise CheckpointError(f"{reader.path}: unexpected tensor {key} (no parameter {internal})")
+        if tuple(reader.shape(key)) != tuple(want):
+            raise CheckpointError(
+                f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, expected {list(want)}"
+            )
+        if quantize and internal.endswith(".weight"):
+            return self._quantized(reader, key, internal, module)
+        return [(internal, self._prepare(reader.read(key), internal, module))]
+
+    def _prepare(self, w: mx.array, internal: str, module: str) -> mx.array:
+        if self.fmt == "hf" and module in self.norms:
+            w = w.astype(mx.float32) + 1.0  # zero-centred norm: applied as 1 + w
+        if mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(self.dtype if self.cast(internal) else mx.float32)
+        return w
+
+    def _quantized(self, reader, key, internal, module):
+        params = self.quant[module]
+        shape = reader.shape(key)
+        rows = shape[0]
+        row_bytes = max(1, reader.nbytes(key) // max(rows, 1))
+        step = rows if len(shape) < 3 else max(1, SLICE_BYTES // row_bytes)
+        parts = []
+        for start in range(0, rows, step):  # stacked experts: a slice of experts at a time
+            w = self._prepare(reader.read(key, start, start + step), internal, module)
+            q = mx.quantize(w, group_size=params["group_size"], bits=params["bits"], mode=params.get("mode", "affine"))
+            mx.eval(q)
+            parts.append(q)
+            del w
+        names = ("weight", "scales", "biases")
+        out = []
+        for i, name in enumerate(names[: len(parts[0])]):
+            arr = parts[0][i] if len(parts) == 1 else mx.concatenate([p[i] for p in parts])
+            out.append((f"{module}.{name}", arr))
+        return out
+
+    def missing(self, seen) -> List[str]:
+        return sorted(set(self.expected) - set(seen))
+
+    def quantization_config(self, recipe: Optional[QuantRecipe]) -> Optional[dict]:
+        """config.json "quantization" block in mlx-lm's format (per-module overrides by path)."""
+        if not self.quant:
+            return None
+        base = {"group_size": recipe.group_size, "bits": recipe.bits, "mode": recipe.mode} if recipe else None
+        if base is None:
+            first = next(iter(self.quant.values()))
+            base = {k: first[k] for k in ("group_size", "bits", "mode") if k in first}
+        block = dict(base)
+        for path, params in self.quant.items():
+            if params != base:
+                block[path] = params
+        return block
+
+
+def stream(plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool = False,
+           only=None) -> Iterator[Tuple[str, mx.array]]:
+    """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses."""
+    wanted = None if only is None else {str(f) for f in only}
+    for reader in iter_shards(path):
+        if wanted is not None and str(reader.path) not in wanted:
+            continue
+        for key in reader.keys():
+            internal = to_internal(key, plan.args, plan.nested)
+            if internal is not None and skip_mtp and internal.startswith("mtp."):
+                continue
+            for name, arr in plan.tensors(reader, key):
+                mx.eval(arr)
+                yield name, arr
+
+
+def warn_unused(keys, args, nested):
+    skipped = [k for k in keys if to_internal(k, args, nested) is None]
+    if skipped and nested:
+        warnings.warn(f"skipping {len(skipped)} tensor(s) not used here ({SKIPPED_37})", stacklevel=3)
