@@ -12,7 +12,15 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelArgs, load_config, parse_config
 from .model import Model
 from .safetensors_io import CheckpointError
-from .weights import QuantRecipe, WeightPlan, checkpoint_keys, has_mtp_weights, stream, warn_unused
+from .weights import (
+    QuantRecipe,
+    WeightPlan,
+    checkpoint_keys,
+    has_mtp_weights,
+    source_format,
+    stream,
+    warn_unused,
+)
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -57,6 +65,8 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
     with_mtp = mtp and args.num_nextn_predict_layers > 0 and has_mtp_weights(keys, args, nested)
     if mtp and args.num_nextn_predict_layers > 0 and not with_mtp:
         warnings.warn(f"{path}: the checkpoint has no MTP weights; loading the trunk only", stacklevel=3)
+    if source_format(config, keys) == "mlx":
+        recipe = None  # a conversion loads as converted (quantized or not)
     model = Model(args, mtp=with_mtp)
     plan = WeightPlan(model, args, config, keys, recipe, dtype)
     warn_unused(keys, args, nested)
@@ -77,7 +87,7 @@ def load(
     `path` is an original HF checkpoint (BF16 shards + index), a directory written by
     `convert`, or an mlx-lm conversion. Full-precision weights are quantized while they
     stream in, one tensor (stacked experts: one slice) at a time, following `QuantRecipe`
-    (`quantize=False` keeps `dtype`). Already-quantized weights load as stored. With
+    (`quantize=False` keeps `dtype`). A conversion loads as it was converted. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
     """
     path = resolve_path(path)

@@ -74,8 +74,8 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         idx, weights = self.gate(x)  # [B, L, top_k]
         routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
-        routed = (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2)
-        return routed + self.share_expert(x)
+        routed = (routed * weights[..., None]).sum(axis=-2)  # fp32 weights: sum in fp32
+        return routed.astype(x.dtype) + self.share_expert(x)
 
 
 class Attention(nn.Module):

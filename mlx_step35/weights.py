@@ -87,7 +87,7 @@ def to_internal(key: str, args: ModelArgs, nested: bool) -> Optional[str]:
         rest = m.group(2).replace("transformer.shared_head.", "shared_head.")
         return f"mtp.{j}.{rest}"
     for src, dst in RENAMES:
-        if src in key:
+        if src in key and dst not in key:  # converted shards already use our names
             return key.replace(src, dst)
     return key
 
@@ -210,8 +210,9 @@ class WeightPlan:
 
 
 def stream(plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool = False,
-           only=None) -> Iterator[Tuple[str, mx.array]]:
-    """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses."""
+           only=None, on_tensor=None) -> Iterator[Tuple[str, mx.array]]:
+    """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses;
+    `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars)."""
     wanted = None if only is None else {str(f) for f in only}
     for reader in iter_shards(path):
         if wanted is not None and str(reader.path) not in wanted:
@@ -223,6 +224,8 @@ def stream(plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool =
             for name, arr in plan.tensors(reader, key):
                 mx.eval(arr)
                 yield name, arr
+            if on_tensor:
+                on_tensor(reader.nbytes(key))
 
 
 def warn_unused(keys, args, nested):
