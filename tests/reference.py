@@ -372,7 +372,8 @@ def moe(w, p, spec: LayerSpec, cfg, x):
 def decoder_layer(w, cfg, i, x, positions):
     """One Step-3.5 decoder layer (trunk or MTP block) on x: [L, H]."""
     spec, p, eps = layer_spec(cfg, i), f"model.layers.{i}", cfg["rms_norm_eps"]
-    h = x + attention(w, f"{p}.self_attn", spec, cfg, rms_norm(x, w[f"{p}.input_layernorm.weight"], eps), positions)
+    y = rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
+    h = x + attention(w, f"{p}.self_attn", spec, cfg, y, positions)
     y = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], eps)
     if spec.moe:
         return h + moe(w, p, spec, cfg, y)
