@@ -232,3 +232,24 @@ def test_incremental_decoding(ckpt, tokens, request):
         _np_logits(model(mx.array(tokens[a:b])[None], cache=cache))[0] for a, b in zip(bounds, bounds[1:])
     ]
     assert_close(np.concatenate(chunks), full, what="chunked (13, then 5s)")
+
+
+def test_mtp_incremental_decoding(tiny_ckpt, tokens):
+    """Each MTP block run token by token on its own cache (`make_mtp_cache`, `mtp_step`: the
+    draft-time API beyond the parity contract) matches the teacher-forced `mtp_logits`, past the
+    sliding-window wrap and with the block's RoPE shift."""
+    import mlx.core as mx
+
+    model = _ours(tiny_ckpt)
+    x = mx.array(tokens)[None]
+    full = model.mtp_logits(x)
+    L, h_prev = len(tokens), model.hidden(x)
+    caches = model.make_mtp_cache()
+    for k in range(1, 4):
+        hs, rows = [], []
+        for t in range(L - k):
+            h, logits = model.mtp_step(k, x[:, t + k : t + k + 1], h_prev[:, t : t + 1], caches[k - 1])
+            hs.append(h)
+            rows.append(_np_logits(logits)[0])
+        assert_close(np.concatenate(rows), _np_logits(full[k - 1])[0], what=f"MTP block {k}")
+        h_prev = mx.concatenate(hs, axis=1)
