@@ -1,0 +1,200 @@
+"""Generation in three layers, as in mlx-lm: a token generator (with optional MTP
+speculative decoding), a stream of GenerationResponse, and `generate()` joining text."""
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Generator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from .cache import rewind
+from .sampling import Sampler, as_sampler, process
+from .speculative import MTPDrafter, SpecStats, accept
+
+PREFILL_STEP = 512
+MAX_DRAFT = 3
+
+
+@dataclass
+class GenerationResponse:
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+def check_num_draft(num_draft) -> int:
+    if not isinstance(num_draft, int) or not 1 <= num_draft <= MAX_DRAFT:
+        raise ValueError(f"num_draft must be 1, 2 or 3 (the model has 3 MTP blocks), got {num_draft!r}")
+    return num_draft
+
+
+def generate_step(
+    model,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Sampler] = None,
+    logits_processors=None,
+    draft_mtp: bool = False,
+    num_draft: int = MAX_DRAFT,
+    prefill_step_size: int = PREFILL_STEP,
+    stats: Optional[SpecStats] = None,
+) -> Generator[Tuple[int, mx.array, bool], None, None]:
+    """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
+
+    With `draft_mtp`, each step drafts `num_draft` tokens with the chained MTP blocks,
+    verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
+    own next token (see `speculative.accept`): the output is exactly that of plain
+    decoding (greedy) or distributed exactly like it (sampling).
+    """
+    sampler = as_sampler(sampler)
+    stats = stats if stats is not None else SpecStats()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if draft_mtp:
+        num_draft = check_num_draft(num_draft)
+        if not model.num_mtp:
+            warnings.warn("this model has no MTP weights: --draft-mtp ignored, decoding plainly", stacklevel=2)
+            draft_mtp = False
+        num_draft = min(num_draft, model.num_mtp)
+    slack = (num_draft if draft_mtp else 0) + 1
+    cache = model.make_cache(slack=slack)
+    drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
+    tokens = [int(t) for t in prompt]
+
+    h = None
+    for s in range(0, len(tokens), prefill_step_size):  # prefill, in chunks
+        h = model.hidden(mx.array([tokens[s : s + prefill_step_size]]), cache)
+        if drafter:
+            drafter.add_trunk(h)
+            drafter.commit(tokens)
+        mx.eval(h)
+    logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
+    tok = int(sampler(logprobs).item())
+    tokens.append(tok)
+    yield tok, logprobs[0], False
+    n_out = 1
+
+    while n_out < max_tokens:
+        drafts, dists = [], []
+        if drafter:
+            drafts, dists = drafter.draft(tokens, min(num_draft, max_tokens - n_out), sampler, logits_processors)
+        h = model.hidden(mx.array([tokens[-1:] + drafts]), cache)  # verify: one trunk pass
+        logits = model.logits(h)[0]
+        rows, target = [], []
+        for i in range(len(drafts) + 1):
+            lp = process(logits[i : i + 1], tokens + drafts[:i], logits_processors)
+            rows.append(lp[0])
+            target.append(sampler.probs(lp))
+        n_acc, nxt = accept(drafts, dists, target, sampler)
+        rewind(cache, len(drafts) - n_acc)
+        if drafter:
+            drafter.add_trunk(h[:, : n_acc + 1])
+            stats.record(len(drafts), n_acc)
+        stats.verify_steps += 1
+        new = drafts[:n_acc] + [nxt]
+        tokens.extend(new)
+        for i, t in enumerate(new):
+            yield t, rows[i], i < n_acc
+            n_out += 1
+            if n_out >= max_tokens:
+                return
+
+
+def _peak_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    max_tokens: int = 256,
+    *,
+    sampler: Optional[Sampler] = None,
+    logits_processors=None,
+    draft_mtp: bool = False,
+    num_draft: int = MAX_DRAFT,
+    prefill_step_size: int = PREFILL_STEP,
+    stop_strings: Sequence[str] = (),
+) -> Generator[GenerationResponse, None, None]:
+    """Stream GenerationResponse objects like mlx_lm.stream_generate; `prompt` is a
+    string (tokenized as is: apply a chat template first if you want one) or token ids.
+    Stops at max_tokens, at any EOS id of the tokenizer, or after a stop string."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stats = SpecStats()
+    eos = set(tokenizer.eos_token_ids)
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    text = ""
+    gen = generate_step(model, ids, max_tokens=max_tokens, sampler=sampler,
+                        logits_processors=logits_processors, draft_mtp=draft_mtp,
+                        num_draft=num_draft, prefill_step_size=prefill_step_size, stats=stats)
+    n = 0
+    for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):
+        if n == 1:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        finish = "stop" if tok in eos else ("length" if n == max_tokens else None)
+        if tok not in eos:
+            detok.add_token(tok)
+        if finish:
+            detok.finalize()
+        segment = detok.last_segment
+        before = len(text)
+        text += segment
+        hits = [text.find(x, max(0, before - len(x))) for x in stop_strings]
+        hits = [i for i in hits if i >= 0]
+        if hits:  # cut the text at the earliest stop string
+            segment = segment[: max(0, min(hits) - before)]
+            finish = "stop"
+        yield GenerationResponse(
+            text=segment, token=tok, logprobs=logprobs, from_draft=from_draft,
+            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=_peak_gb(),
+            finish_reason=finish, stats=stats,
+        )
+        if finish:
+            gen.close()
+            break
+
+
+def generate(model, tokenizer, prompt: Union[str, List[int]], max_tokens: int = 256, *,
+             verbose: bool = False, **kwargs) -> str:
+    """The generated text; with verbose=True, streams it and prints stats like mlx_lm.generate."""
+    text = ""
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and last is not None:
+        print()
+        print("=" * 10)
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    lines = [
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+    ]
+    s = r.stats
+    if s.drafted:
+        lines.append(f"Tokens per verify step: {r.generation_tokens / max(s.verify_steps + 1, 1):.2f}")
+        lines.append("MTP acceptance by depth: " + ", ".join(
+            f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)))
+    lines.append(f"Peak memory: {r.peak_memory:.3f} GB")
+    return "\n".join(lines)
