@@ -323,6 +323,7 @@ def make_checkpoint(
     sliding_window: int = 8,
     num_shards: int = 3,
     dtype: str = "bfloat16",
+    text_prefix: str | None = None,
     **overrides,
 ) -> Path:
     """Write a tiny random checkpoint into directory `path` and return it as a Path.
@@ -330,7 +331,9 @@ def make_checkpoint(
     variant: "step3p5" (per-layer arrays padded to num_hidden_layers + MTP layers),
     "step3p5_45" (arrays truncated to num_hidden_layers), "step3p7" (config nested under
     text_config, text weights under `model.language_model.`, plus dummy vision tensors).
-    `overrides` replace text-config fields; all shapes follow them.
+    `overrides` replace text-config fields; all shapes follow them. `text_prefix` overrides the
+    step3p7 text-weight prefix: "model." is the layout HF's conversion_mapping expects of the hub
+    Step-3.7 files (it renames model.layers.* -> model.language_model.layers.* when loading).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -338,8 +341,9 @@ def make_checkpoint(
     tcfg = text_config(cfg)
     tensors = make_weights(tcfg, seed=seed)
     if variant == "step3p7":
+        prefix = text_prefix or "model.language_model."
         tensors = {
-            (k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+            (prefix + k[len("model."):] if k.startswith("model.") else k): v
             for k, v in tensors.items()
         }
         # dummy vision tower / projector, under the hub checkpoint's names; text loaders skip them
