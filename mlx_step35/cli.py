@@ -1,5 +1,6 @@
 """Shared CLI plumbing: one-line errors with exit status 2, no tracebacks."""
 
+import argparse
 import sys
 from contextlib import contextmanager
 
@@ -20,3 +21,11 @@ def user_errors(prog: str):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

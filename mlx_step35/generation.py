@@ -198,3 +198,14 @@ def format_stats(r: GenerationResponse) -> str:
             f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)))
     lines.append(f"Peak memory: {r.peak_memory:.3f} GB")
     return "\n".join(lines)
+
+
+def build_prompt(tokenizer, prompt: str, *, system: Optional[str] = None,
+                 chat_template: bool = True) -> List[int]:
+    """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate does)."""
+    if chat_template and getattr(tokenizer, "has_chat_template", False):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)

@@ -25,8 +25,16 @@ from .weights import (
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
-def resolve_path(path_or_repo: Union[str, Path]) -> Path:
-    """A local directory, or a Hugging Face repo id already in the local hub cache."""
+DEMO_MODEL = Path(__file__).parent / "demo"
+
+
+def resolve_path(path_or_repo: Union[str, Path, None]) -> Path:
+    """A local directory, a Hugging Face repo id already in the local hub cache, or
+    (None) the bundled demo model."""
+    if path_or_repo is None:
+        if not (DEMO_MODEL / "config.json").exists():
+            raise CheckpointError("no model given and the bundled demo model is not installed")
+        return DEMO_MODEL
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -74,7 +82,7 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
 
 
 def load(
-    path: Union[str, Path],
+    path: Union[str, Path, None] = None,
     *,
     quantize: Union[bool, QuantRecipe] = True,
     q_bits: int = 4,

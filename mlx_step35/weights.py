@@ -50,15 +50,18 @@ class QuantRecipe:
     def params(self, path: str, module: nn.Module) -> Optional[dict]:
         if not hasattr(module, "to_quantized"):
             return None
-        if module.weight.shape[-1] % self.group_size:
-            return None  # too narrow for the group size: stays in full precision
+        group = self.group_size
+        while module.weight.shape[-1] % group and group > 32:
+            group //= 2  # a narrow input dimension (tiny models) takes a smaller group
+        if module.weight.shape[-1] % group:
+            return None  # not quantizable: stays in full precision
         if path.endswith("mlp.gate.gate"):
             bits = self.router_bits
         elif path in ("model.embed_tokens", "lm_head") or path.endswith("shared_head.output"):
             bits = self.vocab_bits
         else:
             bits = self.bits
-        return {"group_size": self.group_size, "bits": bits, "mode": self.mode}
+        return {"group_size": group, "bits": bits, "mode": self.mode}
 
 
 def source_format(config: dict, keys) -> str:
