@@ -23,7 +23,8 @@ RENAMES = [
     (".moe.router_bias", ".mlp.gate.router_bias"),
     (".share_expert.", ".mlp.share_expert."),  # shared expert belongs to the MoE module
 ]
-STEP37_PREFIX = "model.language_model."  # Step-3.7 multimodal checkpoints nest the text model
+STEP37_PREFIX = "model.language_model."  # Step-3.7 may nest the text model under this prefix
+TEXT_KEYS = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.", "model.lm_head.")
 # Keys deliberately not loaded, with the reason.
 SKIPPED = [
     (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), "RoPE buffers are recomputed from the config"),
@@ -78,7 +79,7 @@ def to_internal(key: str, args: ModelArgs, nested: bool) -> Optional[str]:
     if nested:
         if key.startswith(STEP37_PREFIX):
             key = "model." + key[len(STEP37_PREFIX) :]
-        elif not key.startswith("lm_head."):
+        if not key.startswith(TEXT_KEYS):
             return None  # SKIPPED_37
     if any(p.search(key) for p, _ in SKIPPED):
         return None

@@ -55,3 +55,12 @@ def tiny_ckpt_rope(tmp_path_factory):
 def tokens():
     """~3 sliding windows of random token ids, so every sliding cache wraps."""
     return np.random.default_rng(1234).integers(0, 512, size=3 * SLIDING_WINDOW + 6)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_37_flat(tmp_path_factory):
+    """Step-3.7 as HF's conversion table lays out the hub files: text weights under model.*."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("step3p7_flat"), variant="step3p7", text_prefix="model.",
+        sliding_window=SLIDING_WINDOW,
+    )

@@ -15,8 +15,8 @@ import pytest
 import reference as R
 from factory import make_checkpoint
 
-VARIANTS = ["tiny_ckpt", "tiny_ckpt_45", "tiny_ckpt_37", "tiny_ckpt_rope"]
-MTP_VARIANTS = ["tiny_ckpt", "tiny_ckpt_45", "tiny_ckpt_37"]
+VARIANTS = ["tiny_ckpt", "tiny_ckpt_45", "tiny_ckpt_37", "tiny_ckpt_37_flat", "tiny_ckpt_rope"]
+MTP_VARIANTS = ["tiny_ckpt", "tiny_ckpt_45", "tiny_ckpt_37", "tiny_ckpt_37_flat"]
 REL_TOL = 1e-3  # max |ours - ref| < REL_TOL * (ref.max() - ref.min())
 
 
