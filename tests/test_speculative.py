@@ -1,0 +1,210 @@
+"""MTP speculative decoding: lossless (greedy identical, sampling same distribution),
+drafts equal to the teacher-forced MTP definition, stops, fallback and the CLI."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from spec_models import successor_model
+
+from mlx_step35 import generate, load, make_sampler, stream_generate
+from mlx_step35.config import parse_config
+from mlx_step35.generation import generate_step
+from mlx_step35.model import Model
+from mlx_step35.speculative import MTPDrafter, SpecStats, accept
+
+from factory import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 500, 20)]
+GEN = 60  # prompt + generation = 80 tokens = 10 sliding windows of 8
+
+
+def tokens_of(model, prompt, **kw):
+    return [t for t, _, _ in generate_step(model, prompt, **kw)]
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_ckpt):
+    return load(tiny_ckpt, quantize=False, dtype="float32")[0]
+
+
+@pytest.fixture(scope="module")
+def perfect_model(tiny_ckpt):
+    return successor_model(tiny_ckpt, eps=0.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tiny_ckpt):
+    return successor_model(tiny_ckpt, eps=2.5)[0]
+
+
+@pytest.mark.parametrize("num_draft", [1, 2, 3])
+@pytest.mark.parametrize("which", ["random_model", "mixed_model"])
+def test_greedy_identical_to_plain(which, num_draft, request):
+    model = request.getfixturevalue(which)
+    plain = tokens_of(model, PROMPT, max_tokens=GEN)
+    stats = SpecStats()
+    spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    assert spec == plain
+    assert len(stats.drafted) == num_draft
+    if which == "mixed_model":  # really exercises partial acceptance and rewinds
+        assert 0 < stats.accepted[0] < stats.drafted[0]
+        assert stats.verify_steps < GEN - 1
+
+
+def test_greedy_quantized_identical_to_plain(tiny_ckpt):
+    model, _ = load(tiny_ckpt, q_bits=4)
+    plain = tokens_of(model, PROMPT, max_tokens=40)
+    assert tokens_of(model, PROMPT, max_tokens=40, draft_mtp=True, num_draft=3) == plain
+
+
+@pytest.mark.parametrize("num_draft", [1, 2, 3])
+def test_perfect_drafts_all_accepted(perfect_model, num_draft):
+    model, _ = perfect_model
+    stats = SpecStats()
+    out = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    V = model.args.vocab_size
+    assert out == [(PROMPT[-1] + 1 + i) % V for i in range(GEN)]  # the successor chain
+    assert stats.accepted == stats.drafted and stats.drafted[0] > 0
+    assert stats.verify_steps == math.ceil((GEN - 1) / (num_draft + 1))
+
+
+def test_drafts_match_teacher_forced_mtp(mixed_model, random_model, monkeypatch):
+    """Every draft equals the argmax of mtp_logits on (verified tokens + earlier drafts)."""
+    calls = []
+    original = MTPDrafter.draft
+
+    def spy(self, seq, n, sampler, processors=None):
+        drafts, dists = original(self, seq, n, sampler, processors)
+        calls.append((list(seq), list(drafts)))
+        return drafts, dists
+
+    monkeypatch.setattr(MTPDrafter, "draft", spy)
+    for model in (mixed_model, random_model):
+        calls.clear()
+        tokens_of(model, PROMPT, max_tokens=30, draft_mtp=True, num_draft=3)
+        assert len(calls) > 5
+        for seq, drafts in calls:
+            P = len(seq) - 1
+            full = mx.array([seq + drafts[:-1]])
+            mtp = model.mtp_logits(full)
+            for k, d in enumerate(drafts, start=1):
+                assert int(mtp[k - 1][0, P - 1].argmax().item()) == d, (P, k)
+
+
+def test_eos_inside_accepted_draft_stops_there(perfect_model):
+    model, tokenizer = perfect_model
+    eos = 511  # an EOS id of the tiny checkpoints (eos_token_id [1, 2, 511])
+    assert eos in tokenizer.eos_token_ids
+    prompt = PROMPT[:-1] + [eos - 3]  # successors: eos-2, eos-1, eos, ...: EOS is draft 2 of step 1
+    out = list(stream_generate(model, tokenizer, prompt, 50, draft_mtp=True, num_draft=3))
+    assert [r.token for r in out] == [eos - 2, eos - 1, eos]
+    assert out[-1].finish_reason == "stop" and out[-1].from_draft
+    assert [r.finish_reason for r in out[:-1]] == [None, None]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 7])
+def test_stops_exactly_at_max_tokens(perfect_model, max_tokens):
+    model, tokenizer = perfect_model
+    out = list(stream_generate(model, tokenizer, PROMPT[:5], max_tokens, draft_mtp=True))
+    assert len(out) == max_tokens and out[-1].finish_reason == "length"
+
+
+def test_stop_string(perfect_model):
+    model, tokenizer = perfect_model
+    full = generate(model, tokenizer, PROMPT[:5], 12)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop and stop in full
+    cut = generate(model, tokenizer, PROMPT[:5], 12, draft_mtp=True, stop_strings=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_no_mtp_falls_back_to_plain(tiny_ckpt_nomtp):
+    model, _ = load(tiny_ckpt_nomtp, quantize=False, dtype="float32")
+    plain = tokens_of(model, PROMPT, max_tokens=20)
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        assert tokens_of(model, PROMPT, max_tokens=20, draft_mtp=True) == plain
+
+
+def test_bad_num_draft(random_model):
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="num_draft"):
+            tokens_of(random_model, PROMPT, max_tokens=3, draft_mtp=True, num_draft=bad)
+
+
+# ---- sampling: the output distribution is the trunk's ----
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of the chi-square distribution (regularized upper gamma)."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_accept_rule_reproduces_target_distribution():
+    """One draft from q, then `accept`: the emitted token is distributed as p. Chi-square
+    goodness of fit at alpha = 1e-4 (false failure probability 1e-4; the seed is fixed)."""
+    mx.random.seed(0)
+    V, N = 6, 20000
+    p = mx.array([[0.40, 0.25, 0.15, 0.10, 0.07, 0.03]])
+    q = mx.array([[0.05, 0.10, 0.30, 0.30, 0.15, 0.10]])
+    sampler = make_sampler(temp=1.0)
+    drafts = np.array(mx.random.categorical(mx.log(q), num_samples=N))[0]
+    counts = np.zeros(V)
+    for d in drafts:
+        n_acc, nxt = accept([int(d)], [q], [p, p], sampler)
+        counts[int(d) if n_acc == 1 else nxt] += 1
+    expected = np.array(p)[0] * N
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2_sf(stat, V - 1) > 1e-4, (counts, expected)
+
+
+def sampling_model(seed: int):
+    """A random tiny model (vocab 8) with peaked, different trunk and MTP distributions."""
+    cfg = make_config(vocab_size=8, sliding_window=4)
+    cfg["eos_token_id"] = []
+    mx.random.seed(seed)
+    model = Model(parse_config(cfg))
+    model.update({"lm_head": {"weight": model.lm_head.weight * 6}})
+    for block in model.mtp:
+        block.shared_head.output.weight = block.shared_head.output.weight * 6
+    mx.eval(model.parameters())
+    return model
+
+
+def test_sampling_distribution_matches_plain():
+    """Tokens 2..4 of many sampled generations, with and without MTP drafting: a chi-square
+    two-sample test per position at alpha = 1e-3 (3 tests: false failure <= 3e-3)."""
+    model = sampling_model(0)
+    sampler = make_sampler(temp=1.0, top_k=6)
+    prompt, N, T = [1, 5, 3, 6, 2], 400, 4
+    runs = {}
+    for draft in (False, True):
+        mx.random.seed(123 if draft else 321)
+        runs[draft] = np.array([
+            tokens_of(model, prompt, max_tokens=T, sampler=sampler, draft_mtp=draft, num_draft=3)
+            for _ in range(N)
+        ])
+    for pos in range(1, T):
+        a = np.bincount(runs[False][:, pos], minlength=8)
+        b = np.bincount(runs[True][:, pos], minlength=8)
+        keep = (a + b) > 0
+        stat = float((((a - b) ** 2)[keep] / (a + b)[keep]).sum())
+        assert chi2_sf(stat, int(keep.sum()) - 1) > 1e-3, (pos, a, b)
+
+
+def test_cli_end_to_end(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny_ckpt), "--draft-mtp",
+           "--max-tokens", "12", "--prompt", "hello"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth" in r.stdout
+    for bad in (["--num-draft", "0"], ["--num-draft", "4"], ["--model", str(tiny_ckpt) + "-missing"]):
+        r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
