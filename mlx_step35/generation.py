@@ -70,43 +70,84 @@ def generate_step(
     cache = model.make_cache(slack=slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
+    with mx.stream(_stream()):
+        h = _prefill(model, tokens, cache, drafter, prefill_step_size)
+        logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
+        if drafter is None:
+            yield from _plain(model, tokens, cache, sampler, logits_processors, logprobs, max_tokens)
+            return
+        tok = int(sampler(logprobs).item())
+        tokens.append(tok)
+        yield tok, logprobs[0], False
+        yield from _speculative(model, tokens, cache, drafter, sampler, logits_processors,
+                                num_draft, max_tokens - 1, stats)
 
-    h = None
-    for s in range(0, len(tokens), prefill_step_size):  # prefill, in chunks
-        h = model.hidden(mx.array([tokens[s : s + prefill_step_size]]), cache)
+
+_STREAM = []
+
+
+def _stream():
+    if not _STREAM:  # one generation stream, as mlx-lm uses, created on first use
+        _STREAM.append(mx.new_stream(mx.default_device()))
+    return _STREAM[0]
+
+
+def _prefill(model, tokens, cache, drafter, step):
+    """Run the prompt through the trunk in chunks; returns the last chunk's hidden states."""
+    for s in range(0, len(tokens), step):
+        h = model.hidden(mx.array([tokens[s : s + step]]), cache)
         if drafter:
             drafter.add_trunk(h)
             drafter.commit(tokens)
         mx.eval(h)
-    logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
-    tok = int(sampler(logprobs).item())
-    tokens.append(tok)
-    yield tok, logprobs[0], False
-    n_out = 1
+    return h
 
-    while n_out < max_tokens:
-        drafts, dists = [], []
-        if drafter:
-            drafts, dists = drafter.draft(tokens, min(num_draft, max_tokens - n_out), sampler, logits_processors)
+
+def _plain(model, tokens, cache, sampler, processors, logprobs, max_tokens):
+    """Plain decoding, pipelined: the next step's graph is built while this one computes."""
+    hist = mx.array(tokens)
+
+    def step(y):
+        nonlocal hist
+        if processors:
+            hist = mx.concatenate([hist, y])
+        lp = process(model(y[None], cache)[:, -1], hist, processors)
+        return sampler(lp), lp[0]
+
+    y, lp = sampler(logprobs), logprobs[0]
+    mx.async_eval(y, lp)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            nxt = step(y)
+            mx.async_eval(*nxt)
+        yield int(y.item()), lp, False
+        if n + 1 < max_tokens:
+            y, lp = nxt
+
+
+def _speculative(model, tokens, cache, drafter, sampler, processors, num_draft, max_new, stats):
+    """Draft, verify, accept, rewind; yields the accepted tokens of each step."""
+    n_out = 0
+    while n_out < max_new:
+        drafts, dists = drafter.draft(tokens, min(num_draft, max_new - n_out), sampler, processors)
         h = model.hidden(mx.array([tokens[-1:] + drafts]), cache)  # verify: one trunk pass
         logits = model.logits(h)[0]
         rows, target = [], []
         for i in range(len(drafts) + 1):
-            lp = process(logits[i : i + 1], tokens + drafts[:i], logits_processors)
+            lp = process(logits[i : i + 1], tokens + drafts[:i], processors)
             rows.append(lp[0])
             target.append(sampler.probs(lp))
         n_acc, nxt = accept(drafts, dists, target, sampler)
         rewind(cache, len(drafts) - n_acc)
-        if drafter:
-            drafter.add_trunk(h[:, : n_acc + 1])
-            stats.record(len(drafts), n_acc)
+        drafter.add_trunk(h[:, : n_acc + 1])
+        stats.record(len(drafts), n_acc)
         stats.verify_steps += 1
         new = drafts[:n_acc] + [nxt]
         tokens.extend(new)
         for i, t in enumerate(new):
             yield t, rows[i], i < n_acc
             n_out += 1
-            if n_out >= max_tokens:
+            if n_out >= max_new:
                 return
 
 

@@ -67,11 +67,12 @@ def as_sampler(sampler) -> Sampler:
     )
 
 
-def process(logits: mx.array, history: List[int], processors: Optional[List[LogitsProcessor]]) -> mx.array:
-    """Apply logits processors for one row, then return log-probabilities [1, V]."""
+def process(logits: mx.array, history, processors: Optional[List[LogitsProcessor]]) -> mx.array:
+    """Apply logits processors for one row (history: token ids so far, list or array),
+    then return log-probabilities [1, V]."""
     logits = logits.astype(mx.float32)
     if processors:
-        hist = mx.array(history)
+        hist = history if isinstance(history, mx.array) else mx.array(history)
         for proc in processors:
             logits = proc(hist, logits)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -208,3 +208,15 @@ def test_cli_end_to_end(tiny_ckpt):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("which", ["random_model", "mixed_model"])
+def test_greedy_identical_with_repetition_penalty(which, request):
+    from mlx_step35 import make_logits_processors
+
+    model = request.getfixturevalue(which)
+    procs = make_logits_processors(repetition_penalty=3.0, repetition_context_size=30)
+    plain = tokens_of(model, PROMPT, max_tokens=GEN, logits_processors=procs)
+    assert plain != tokens_of(model, PROMPT, max_tokens=GEN)  # the penalty matters here
+    spec = tokens_of(model, PROMPT, max_tokens=GEN, logits_processors=procs, draft_mtp=True)
+    assert spec == plain
