@@ -28,7 +28,9 @@ def main(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=None, help="penalty for recent tokens (e.g. 1.1)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--draft-mtp", action="store_true", help="speculative decoding with the model's MTP blocks")
-    p.add_argument("--num-draft", type=int, default=3, choices=[1, 2, 3], help="tokens drafted per step (default 3)")
+    p.add_argument("--num-draft", default="auto", choices=["1", "2", "3", "auto"],
+                   help="tokens drafted per step; auto (default) picks 0-3 each step from the "
+                   "measured acceptance and step times")
     p.add_argument("--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of unquantized weights (default bfloat16)")
@@ -60,7 +62,8 @@ def run(a):
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
     last = None
     for last in stream_generate(model, tokenizer, prompt, a.max_tokens, sampler=sampler,
-                                logits_processors=procs, draft_mtp=a.draft_mtp, num_draft=a.num_draft):
+                                logits_processors=procs, draft_mtp=a.draft_mtp,
+                                num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft)):
         print(last.text, end="", flush=True)
     print("\n" + "=" * 10)
     if last is not None:

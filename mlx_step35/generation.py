@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from .cache import rewind
 from .sampling import Sampler, as_sampler, process
-from .speculative import MTPDrafter, SpecStats, accept
+from .speculative import AutoDraft, FixedDraft, MTPDrafter, SpecStats, accept
 
 PREFILL_STEP = 512
 MAX_DRAFT = 3
@@ -31,10 +31,10 @@ class GenerationResponse:
     stats: SpecStats = field(default_factory=SpecStats)
 
 
-def check_num_draft(num_draft) -> int:
-    if not isinstance(num_draft, int) or not 1 <= num_draft <= MAX_DRAFT:
-        raise ValueError(f"num_draft must be 1, 2 or 3 (the model has 3 MTP blocks), got {num_draft!r}")
-    return num_draft
+def check_num_draft(num_draft):
+    if num_draft == "auto" or (isinstance(num_draft, int) and 1 <= num_draft <= MAX_DRAFT):
+        return num_draft
+    raise ValueError(f"num_draft must be 1, 2, 3 or 'auto' (the model has 3 MTP blocks), got {num_draft!r}")
 
 
 def generate_step(
@@ -45,13 +45,14 @@ def generate_step(
     sampler: Optional[Sampler] = None,
     logits_processors=None,
     draft_mtp: bool = False,
-    num_draft: int = MAX_DRAFT,
+    num_draft: Union[int, str] = "auto",
     prefill_step_size: int = PREFILL_STEP,
     stats: Optional[SpecStats] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
 
-    With `draft_mtp`, each step drafts `num_draft` tokens with the chained MTP blocks,
+    With `draft_mtp`, each step drafts `num_draft` tokens with the chained MTP blocks
+    ("auto": the depth, 0 included, that the measured acceptance and step times favour),
     verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
     own next token (see `speculative.accept`): the output is exactly that of plain
     decoding (greedy) or distributed exactly like it (sampling).
@@ -65,8 +66,11 @@ def generate_step(
         if not model.num_mtp:
             warnings.warn("this model has no MTP weights: --draft-mtp ignored, decoding plainly", stacklevel=2)
             draft_mtp = False
-        num_draft = min(num_draft, model.num_mtp)
-    slack = (num_draft if draft_mtp else 0) + 1
+    policy = None
+    if draft_mtp:
+        depth = model.num_mtp if num_draft == "auto" else min(num_draft, model.num_mtp)
+        policy = AutoDraft(depth) if num_draft == "auto" else FixedDraft(depth)
+    slack = (policy.max_depth if policy else 0) + 1
     cache = model.make_cache(slack=slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
@@ -80,7 +84,7 @@ def generate_step(
         tokens.append(tok)
         yield tok, logprobs[0], False
         yield from _speculative(model, tokens, cache, drafter, sampler, logits_processors,
-                                num_draft, max_tokens - 1, stats)
+                                policy, max_tokens - 1, stats)
 
 
 _STREAM = []
@@ -125,11 +129,13 @@ def _plain(model, tokens, cache, sampler, processors, logprobs, max_tokens):
             y, lp = nxt
 
 
-def _speculative(model, tokens, cache, drafter, sampler, processors, num_draft, max_new, stats):
+def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
     """Draft, verify, accept, rewind; yields the accepted tokens of each step."""
     n_out = 0
     while n_out < max_new:
-        drafts, dists = drafter.draft(tokens, min(num_draft, max_new - n_out), sampler, processors)
+        tic = time.perf_counter()
+        n = min(policy.choose(), max_new - n_out - 1)
+        drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else ([], [])
         h = model.hidden(mx.array([tokens[-1:] + drafts]), cache)  # verify: one trunk pass
         logits = model.logits(h)[0]
         rows, target = [], []
@@ -140,6 +146,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, num_draft, 
         n_acc, nxt = accept(drafts, dists, target, sampler)
         rewind(cache, len(drafts) - n_acc)
         drafter.add_trunk(h[:, : n_acc + 1])
+        policy.update(n, n_acc, time.perf_counter() - tic)
         stats.record(len(drafts), n_acc)
         stats.verify_steps += 1
         new = drafts[:n_acc] + [nxt]
@@ -164,7 +171,7 @@ def stream_generate(
     sampler: Optional[Sampler] = None,
     logits_processors=None,
     draft_mtp: bool = False,
-    num_draft: int = MAX_DRAFT,
+    num_draft: Union[int, str] = "auto",
     prefill_step_size: int = PREFILL_STEP,
     stop_strings: Sequence[str] = (),
 ) -> Generator[GenerationResponse, None, None]:

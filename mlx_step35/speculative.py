@@ -146,3 +146,67 @@ def accept(drafts: List[int], dists: List[mx.array], target: List[mx.array], sam
     if sampler.greedy:
         return len(drafts), int(last.argmax().item())
     return len(drafts), int(mx.random.categorical(mx.log(last)).item())
+
+
+class FixedDraft:
+    """Always draft `n` tokens."""
+
+    def __init__(self, n: int):
+        self.n = self.max_depth = n
+
+    def choose(self) -> int:
+        return self.n
+
+    def update(self, n: int, n_accepted: int, seconds: float):
+        pass
+
+
+class AutoDraft:
+    """Pick the draft depth (0 = plain step) that maximises expected tokens per second.
+
+    Expected tokens of a step drafting n: 1 + sum_{i<=n} prod_{j<=i} a_j, with a_j the
+    measured acceptance of depth j given depths < j were accepted (Laplace-smoothed).
+    Cost: the measured wall time of steps at that depth (EMA), which captures the
+    drafting passes and the wider verify pass on whatever machine this runs on. Each
+    depth is measured twice at the start, then a neighbouring depth is re-probed every
+    `probe_every` steps so the estimates follow the text.
+    """
+
+    def __init__(self, max_depth: int, probe_every: int = 16, ema: float = 0.2):
+        self.K = self.max_depth = max_depth
+        self.tries = [0] * (max_depth + 1)  # index j: depth j drafted with 1..j-1 accepted
+        self.hits = [0] * (max_depth + 1)
+        self.time = [None] * (max_depth + 1)  # EMA seconds per step, by depth
+        self.seen = [0] * (max_depth + 1)
+        self.steps = 0
+        self.probe_every = probe_every
+        self.ema = ema
+        self.best = max_depth
+
+    def expected_tokens(self, n: int) -> float:
+        total, p = 1.0, 1.0
+        for j in range(1, n + 1):
+            p *= (self.hits[j] + 1) / (self.tries[j] + 2)
+            total += p
+        return total
+
+    def choose(self) -> int:
+        self.steps += 1
+        for n in range(self.K, -1, -1):  # warm-up: the first sample of each depth is discarded
+            if self.seen[n] < 3:
+                return n
+        rates = [self.expected_tokens(n) / self.time[n] for n in range(self.K + 1)]
+        self.best = max(range(self.K + 1), key=rates.__getitem__)
+        if self.steps % self.probe_every == 0:
+            return self.best + 1 if self.best < self.K else self.best - 1
+        return self.best
+
+    def update(self, n: int, n_accepted: int, seconds: float):
+        for j in range(1, min(n, n_accepted + 1) + 1):
+            self.tries[j] += 1
+            self.hits[j] += j <= n_accepted
+        self.seen[n] += 1
+        if self.seen[n] == 1:
+            return  # first step at a depth pays one-time compilation and allocation
+        t = self.time[n]
+        self.time[n] = seconds if t is None else (1 - self.ema) * t + self.ema * seconds

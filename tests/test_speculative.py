@@ -44,7 +44,7 @@ def mixed_model(tiny_ckpt):
     return successor_model(tiny_ckpt, eps=2.5)[0]
 
 
-@pytest.mark.parametrize("num_draft", [1, 2, 3])
+@pytest.mark.parametrize("num_draft", [1, 2, 3, "auto"])
 @pytest.mark.parametrize("which", ["random_model", "mixed_model"])
 def test_greedy_identical_to_plain(which, num_draft, request):
     model = request.getfixturevalue(which)
@@ -52,7 +52,7 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     stats = SpecStats()
     spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
     assert spec == plain
-    assert len(stats.drafted) == num_draft
+    assert len(stats.drafted) == (3 if num_draft == "auto" else num_draft)  # auto tries every depth
     if which == "mixed_model":  # really exercises partial acceptance and rewinds
         assert 0 < stats.accepted[0] < stats.drafted[0]
         assert stats.verify_steps < GEN - 1
