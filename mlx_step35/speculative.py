@@ -32,6 +32,15 @@ class SpecStats:
             self.drafted[d] += 1
             self.accepted[d] += d < n_accepted
 
+    def merge(self, other: "SpecStats"):
+        self.verify_steps += other.verify_steps
+        for d, (n, a) in enumerate(zip(other.drafted, other.accepted)):
+            if d == len(self.drafted):
+                self.drafted.append(0)
+                self.accepted.append(0)
+            self.drafted[d] += n
+            self.accepted[d] += a
+
     @property
     def acceptance(self) -> List[float]:
         """Per depth: accepted / drafted (depth d is only drafted when d-1 was)."""
@@ -63,9 +72,10 @@ class MTPDrafter:
             outs.append(h)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
-    def commit(self, seq: List[int]):
-        """Advance every block over the positions whose inputs are now all verified."""
-        for k in range(1, self.K + 1):
+    def commit(self, seq: List[int], depth: Optional[int] = None):
+        """Advance blocks 1..depth (default all) over the positions whose inputs are all
+        verified. A block left behind catches up later in one multi-row pass."""
+        for k in range(1, (depth or self.K) + 1):
             t0 = self.done[k]
             t1 = min(len(seq) - k, self.done[k - 1])
             if t1 > t0:
@@ -82,7 +92,7 @@ class MTPDrafter:
               ) -> Tuple[List[int], List[mx.array]]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
         verified token); returns the drafts and the distributions they were drawn from."""
-        self.commit(seq)
+        self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
             raise ValueError("draft() needs exactly one verified token beyond the trunk")

@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: models to run on, prompts, timing helpers."""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the checkpoint factory
+
+BUILD = ROOT / "build" / "bench"
+
+# A larger random checkpoint than the tests use: 8 layers, hidden 512, 32 experts.
+LARGE = dict(
+    hidden_size=512, head_dim=64, num_hidden_layers=8, vocab_size=4096,
+    num_attention_heads=8, num_attention_groups=2,
+    attention_other_setting={"num_attention_heads": 12, "num_attention_groups": 2, "head_dim": 64},
+    intermediate_size=1536, moe_intermediate_size=256, share_expert_dim=256,
+    moe_num_experts=32, moe_top_k=4, sliding_window=64,
+)
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\ndef main(argv):",
+    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):",
+    "def read_config(path):\n    \"\"\"Read a JSON config file and return a dict.\"\"\"",
+    "    def __repr__(self):",
+    "for i, line in enumerate(lines):",
+]
+
+
+def large_checkpoint() -> Path:
+    """The larger random checkpoint, converted to 4-bit MLX (made once, under build/)."""
+    from factory import make_checkpoint
+
+    from mlx_step35 import convert
+
+    hf, mlx = BUILD / "large-hf", BUILD / "large-4bit"
+    if not (mlx / "config.json").exists():
+        if not (hf / "config.json").exists():
+            make_checkpoint(hf, seed=0, **LARGE)
+        convert(hf, mlx, quantize=True)
+    return mlx
+
+
+def demo_model() -> Path:
+    from mlx_step35.loading import DEMO_MODEL
+
+    return DEMO_MODEL
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t

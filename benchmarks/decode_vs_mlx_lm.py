@@ -1,0 +1,73 @@
+"""Benchmark 1: plain decoding and prefill tokens/s, this project vs stock mlx-lm step3p5,
+on identical weights (our 4-bit conversion loads in both). Runs are interleaved
+(A B B A ...) and medians reported, so the ratio holds on a noisy machine.
+
+    python benchmarks/decode_vs_mlx_lm.py [--rounds 7] [--prompt-tokens 256] [--gen-tokens 64]
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+from common import demo_model, large_checkpoint, median
+
+from mlx_step35 import load
+from mlx_step35.generation import generate_step
+
+
+def run(step_fn, n_prompt: int, n_gen: int):
+    """(prefill tokens/s, decode tokens/s) of one generation."""
+    tic = time.perf_counter()
+    first = None
+    for i, _ in enumerate(step_fn()):
+        if i == 0:
+            first = time.perf_counter()
+        if i + 1 == n_gen:
+            break
+    end = time.perf_counter()
+    return n_prompt / (first - tic), (n_gen - 1) / (end - first)
+
+
+def bench(path, rounds, n_prompt, n_gen):
+    ours, _ = load(path)
+    theirs, _ = mlx_lm.load(str(path))
+    V = ours.args.vocab_size
+    prompt = [int(t) for t in mx.random.randint(3, V - 3, (n_prompt,), key=mx.random.key(0))]
+    greedy = mlx_lm_make_sampler(temp=0.0)
+    impls = {
+        "mlx_step35": lambda: generate_step(ours, prompt, max_tokens=n_gen),
+        "mlx-lm": lambda: mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=n_gen, sampler=greedy),
+    }
+    for name, fn in impls.items():  # warm-up (compilation), not timed
+        run(fn, n_prompt, 8)
+    res = {k: ([], []) for k in impls}
+    order = list(impls)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            p, d = run(impls[name], n_prompt, n_gen)
+            res[name][0].append(p)
+            res[name][1].append(d)
+    return {k: (median(v[0]), median(v[1])) for k, v in res.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    a = ap.parse_args()
+    print(f"| model | impl | prefill tok/s | decode tok/s | ratio prefill | ratio decode |")
+    print("|---|---|---|---|---|---|")
+    for label, path in (("demo (bundled)", demo_model()), ("random 8L h512 E32 4-bit", large_checkpoint())):
+        r = bench(path, a.rounds, a.prompt_tokens, a.gen_tokens)
+        (po, do), (pl, dl) = r["mlx_step35"], r["mlx-lm"]
+        print(f"| {label} | mlx_step35 | {po:.1f} | {do:.1f} | {po / pl:.3f} | {do / dl:.3f} |")
+        print(f"| {label} | mlx-lm | {pl:.1f} | {dl:.1f} | 1 | 1 |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Benchmark 2: MTP speculative decoding on the bundled demo model, greedy and sampled.
+
+For plain decoding, --num-draft 1/2/3 and auto: accepted tokens per verify step, acceptance
+per depth, trunk forward passes per generated token, and decode speed relative to plain
+decoding. Every (prompt, round) runs all modes back to back in rotating order; the
+speed ratio is taken within that group, then the median over groups is reported.
+
+    python benchmarks/speculative.py [--rounds 3] [--gen-tokens 128] [--model PATH]
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+
+from common import PROMPTS, demo_model, median
+
+from mlx_step35 import load, make_sampler
+from mlx_step35.generation import build_prompt, generate_step
+from mlx_step35.speculative import SpecStats
+
+MODES = [("plain", None), ("1", 1), ("2", 2), ("3", 3), ("auto", "auto")]
+
+
+def one(model, prompt, n_gen, sampler, num_draft, seed):
+    mx.random.seed(seed)
+    stats = SpecStats()
+    kw = dict(draft_mtp=num_draft is not None, num_draft=num_draft or 1, stats=stats)
+    gen = generate_step(model, prompt, max_tokens=n_gen, sampler=sampler, **kw)
+    next(gen)  # prefill + first token: not part of the decode timing
+    tic = time.perf_counter()
+    n = 1 + sum(1 for _ in gen)
+    seconds = time.perf_counter() - tic
+    return (n - 1) / seconds, stats, n
+
+
+def bench(model, tokenizer, sampler, rounds, n_gen):
+    prompts = [build_prompt(tokenizer, p, chat_template=False) for p in PROMPTS]
+    for p in prompts[:1]:  # warm-up
+        for _, nd in MODES:
+            one(model, p, 16, sampler, nd, 0)
+    speed = {m: [] for m, _ in MODES}
+    ratio = {m: [] for m, _ in MODES}
+    agg = {m: SpecStats() for m, _ in MODES}
+    tokens = {m: 0 for m, _ in MODES}
+    for r in range(rounds):
+        for i, p in enumerate(prompts):
+            k = (r * len(prompts) + i) % len(MODES)
+            group = {}
+            for name, nd in MODES[k:] + MODES[:k]:
+                tps, st, n = one(model, p, n_gen, sampler, nd, seed=1000 * r + i)
+                group[name] = tps
+                speed[name].append(tps)
+                agg[name].merge(st)
+                tokens[name] += n - 1
+            for name in group:
+                ratio[name].append(group[name] / group["plain"])
+    return speed, ratio, agg, tokens
+
+
+def table(label, speed, ratio, agg, tokens):
+    print(f"\n{label}\n")
+    print("| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per verify step | "
+          "trunk passes per token | acceptance by depth |")
+    print("|---|---|---|---|---|---|")
+    for name, _ in MODES:
+        a = agg[name]
+        per_step = tokens[name] / a.verify_steps if name != "plain" else 1.0
+        acc = ", ".join(f"{x:.0%}" for x in a.acceptance) or "-"
+        print(f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_step:.2f} | "
+              f"{1 / per_step:.3f} | {acc} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--model", default=None, help="default: the bundled demo model")
+    a = ap.parse_args()
+    model, tokenizer = load(a.model or demo_model())
+    print(f"model: {a.model or 'bundled demo'}; {len(PROMPTS)} prompts x {a.rounds} rounds, "
+          f"{a.gen_tokens} tokens each")
+    for label, sampler in (("greedy", make_sampler()), ("sampled (temp 0.7, top-p 0.95)", make_sampler(0.7, 0.95))):
+        table(label, *bench(model, tokenizer, sampler, a.rounds, a.gen_tokens))
+
+
+if __name__ == "__main__":
+    main()
