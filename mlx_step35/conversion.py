@@ -15,6 +15,8 @@ from .safetensors_io import CheckpointError
 from .weights import QuantRecipe, checkpoint_keys, stream, to_internal, to_storage
 
 MAX_SHARD_BYTES = 5 << 30
+PER_LAYER_FIELDS = ("layer_types", "partial_rotary_factors", "rope_theta", "swiglu_limits",
+                    "swiglu_limits_shared")
 TOKENIZER_FILES = ("*.jinja", "tokenizer*", "special_tokens_map.json", "generation_config.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken", "chat_template*")
 
@@ -70,6 +72,10 @@ def _output_config(config: dict, args, quant: Optional[dict], dtype: mx.Dtype, m
     out = dict(text_config(config))  # Step-3.7: our shards hold the text model under model.*
     out["model_type"] = "step3p5"
     out["num_nextn_predict_layers"] = mtp_layers
+    n = args.num_hidden_layers + mtp_layers  # MTP weights absent: drop their per-layer entries too
+    for key in PER_LAYER_FIELDS:
+        if isinstance(out.get(key), list) and len(out[key]) > n:
+            out[key] = out[key][:n]
     out["torch_dtype"] = str(dtype).split(".")[-1]
     out.pop("quantization_config", None)
     if quant:
@@ -114,6 +120,18 @@ def convert(
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from an interrupted run
     tmp.mkdir(parents=True)
+    try:
+        _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes,
+                          progress, on_tensor)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no partial shards behind
+        raise
+    return out
+
+
+def _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes,
+                      progress, on_tensor):
     writer = ShardWriter(tmp, max_shard_bytes)
     seen = set()
     total = sum(os.path.getsize(f) for f in set(keys.values()))
@@ -134,8 +152,6 @@ def convert(
     cfg = _output_config(config, args, plan.quantization_config(recipe), dt, len(model.mtp))
     _write_json(tmp / "config.json", cfg)
     _copy_tokenizer(src, tmp)
-    os.replace(tmp, out)
-    return out
 
 
 def _copy_tokenizer(src: Path, dst: Path):
