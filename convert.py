@@ -1,6 +1,7 @@
 """Convert a Step-3.5/3.7-Flash HF checkpoint (BF16) to MLX, quantizing as it streams."""
 
 import argparse
+import sys
 
 from mlx_step35 import convert
 from mlx_step35.cli import user_errors
@@ -38,7 +39,7 @@ def main(argv=None):
     with user_errors(p.prog):
         out = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits,
                       q_group_size=a.q_group_size, dtype=a.dtype, mtp_only=a.mtp_only,
-                      progress=not a.quiet)
+                      progress=not a.quiet and sys.stderr.isatty())  # no bar in logs/pipes
         print(f"wrote {out}")
 
 
