@@ -143,7 +143,7 @@ def _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max
             writer.add(to_storage(name, args), arr)
             if on_tensor:
                 on_tensor(name)
-    missing = plan.missing(seen)
+    missing = plan.checkpoint_names(plan.missing(seen))
     if missing:
         raise CheckpointError(f"{src}: missing tensor(s) {', '.join(missing[:5])}")
     weight_map = writer.finish()
@@ -186,7 +186,7 @@ def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bflo
             if name.startswith("mtp."):
                 seen.add(name)
                 writer.add(to_storage(name, args), arr)
-    missing = [k for k in plan.missing(seen) if k.startswith("mtp.")]
+    missing = plan.checkpoint_names([k for k in plan.missing(seen) if k.startswith("mtp.")])
     if missing:
         raise CheckpointError(f"{src}: missing MTP tensor(s) {', '.join(missing[:5])}")
     writer.flush()

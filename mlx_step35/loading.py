@@ -108,7 +108,7 @@ def load(
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
         seen.add(name)
         model.update(tree_unflatten([(name, arr)]), strict=False)
-    missing = plan.missing(seen)
+    missing = plan.checkpoint_names(plan.missing(seen))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")

@@ -198,6 +198,22 @@ class WeightPlan:
     def missing(self, seen) -> List[str]:
         return sorted(set(self.expected) - set(seen))
 
+    def checkpoint_names(self, internal: List[str]) -> List[str]:
+        """The checkpoint keys behind internal parameter names (for error messages)."""
+        names = {}
+        for name in internal:
+            module, _, param = name.rpartition(".")
+            if module in self.quant and module not in self.prequant and param in ("scales", "biases"):
+                name = f"{module}.weight"  # quantized here from the one checkpoint tensor
+            name = to_storage(name, self.args)
+            if self.fmt == "hf":
+                for src, dst in RENAMES:
+                    if dst in name:
+                        name = name.replace(dst, src)
+                        break
+            names[name] = None
+        return list(names)
+
     def quantization_config(self, recipe: Optional[QuantRecipe]) -> Optional[dict]:
         """config.json "quantization" block in mlx-lm's format (per-module overrides by path)."""
         if not self.quant:
