@@ -1,0 +1,228 @@
+"""Bad inputs: every one raises an exception naming the file or key, and the CLIs turn it into
+one line on stderr with exit status 2 (no traceback). A failed convert leaves no output."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_step35 import CheckpointError, ConfigError, convert, load
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PY) if VENV_PY.exists() else sys.executable
+
+
+def _script(name):
+    """The root CLI script `name`.py as a module (they live outside the package)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}_cli", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SHARD1, SHARD2 = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
+
+
+def _index(path):
+    return json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def _rewrite_shard(path, name, edit):
+    """Rewrite shard `name` with `edit(dict of torch tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / name))
+    edit(tensors)
+    save_file(tensors, str(path / name), metadata={"format": "pt"})
+
+
+def _shard_of(path, key):
+    return _index(path)["weight_map"][key]
+
+
+def truncated(p):
+    f = p / SHARD2
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return SHARD2
+
+
+def corrupt_header(p):
+    f = p / SHARD1
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"this is not json at all, really!"
+    f.write_bytes(bytes(data))
+    return SHARD1
+
+
+def missing_shard(p):
+    (p / SHARD2).unlink()
+    return SHARD2
+
+
+KEY = "model.layers.1.self_attn.q_proj.weight"
+
+
+def missing_key(p):  # gone from its shard and from the index
+    _rewrite_shard(p, _shard_of(p, KEY), lambda t: t.pop(KEY))
+    index = _index(p)
+    del index["weight_map"][KEY]
+    (p / "model.safetensors.index.json").write_text(json.dumps(index))
+    return KEY
+
+
+EXPERTS = "model.layers.3.moe.gate_proj.weight"
+
+
+def missing_experts(p):  # a renamed, quantized-on-load tensor: named as the checkpoint names it
+    _rewrite_shard(p, _shard_of(p, EXPERTS), lambda t: t.pop(EXPERTS))
+    index = _index(p)
+    del index["weight_map"][EXPERTS]
+    (p / "model.safetensors.index.json").write_text(json.dumps(index))
+    return EXPERTS
+
+
+def key_not_in_shard(p):  # the index still lists it
+    _rewrite_shard(p, _shard_of(p, KEY), lambda t: t.pop(KEY))
+    return KEY
+
+
+def wrong_shape(p):
+    key = "model.layers.1.self_attn.k_proj.weight"
+
+    def edit(t):
+        t[key] = t[key][:-1].clone()
+
+    _rewrite_shard(p, _shard_of(p, key), edit)
+    return key
+
+
+def _edit_config(p, edit):
+    cfg = json.loads((p / "config.json").read_text())
+    edit(cfg)
+    (p / "config.json").write_text(json.dumps(cfg))
+
+
+def bad_model_type(p):
+    _edit_config(p, lambda c: c.update(model_type="llama"))
+    return "llama"
+
+
+def no_config(p):
+    (p / "config.json").unlink()
+    return "config.json"
+
+
+def missing_field(p):
+    _edit_config(p, lambda c: c.pop("hidden_size"))
+    return "hidden_size"
+
+
+CASES = {  # name -> (mutation, exception type)
+    "truncated": (truncated, CheckpointError),
+    "corrupt_header": (corrupt_header, CheckpointError),
+    "missing_shard": (missing_shard, CheckpointError),
+    "missing_key": (missing_key, CheckpointError),
+    "missing_experts": (missing_experts, CheckpointError),
+    "key_not_in_shard": (key_not_in_shard, CheckpointError),
+    "wrong_shape": (wrong_shape, CheckpointError),
+    "bad_model_type": (bad_model_type, ConfigError),
+    "no_config": (no_config, ConfigError),
+    "missing_field": (missing_field, ConfigError),
+}
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_ckpt, tmp_path_factory):
+    """name -> (checkpoint directory, the name the error must mention)."""
+    root = tmp_path_factory.mktemp("broken")
+    out = {}
+    for name, (mutate, _) in CASES.items():
+        path = root / name
+        shutil.copytree(tiny_ckpt, path)
+        out[name] = (path, mutate(path))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_names_the_problem(broken, case):
+    path, culprit = broken[case]
+    with pytest.raises(CASES[case][1], match=culprit) as e:
+        load(path, quantize=False, dtype="float32")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_convert_names_the_problem_and_leaves_nothing(broken, case, tmp_path):
+    path, culprit = broken[case]
+    out = tmp_path / "out"
+    with pytest.raises(CASES[case][1], match=culprit):
+        convert(path, out, quantize=True)
+    assert list(tmp_path.iterdir()) == []  # neither `out` nor a hidden `.out.incomplete`
+
+
+def _check_cli(rc, stderr, culprit, prog):
+    lines = stderr.strip().splitlines()
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"{prog}: error:") and culprit in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_main_one_line_exit_2(broken, case, tmp_path, capsys):
+    """Both CLIs' main(), in-process (every case; the subprocess test below runs a few)."""
+    convert_cli, generate_cli = _script("convert"), _script("generate")
+    path, culprit = broken[case]
+    for prog, mod, argv in (
+        ("generate.py", generate_cli, ["--model", str(path), "--max-tokens", "2"]),
+        ("convert.py", convert_cli, ["--hf-path", str(path), "--mlx-path", str(tmp_path / "out"), "--quiet"]),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        _check_cli(e.value.code, capsys.readouterr().err, culprit, prog)
+    assert list(tmp_path.iterdir()) == []
+
+
+# (script, case): each run spends ~3 s importing, so a few covering a config error, a shard error
+# and a failure in the middle of writing shards
+SUBPROCESS_CASES = [("generate.py", "truncated"), ("generate.py", "bad_model_type"),
+                    ("convert.py", "wrong_shape")]
+
+
+def test_cli_subprocesses(broken, tmp_path):
+    """The real scripts, run as users run them (launched together)."""
+    runs = []
+    for prog, case in SUBPROCESS_CASES:
+        path, culprit = broken[case]
+        if prog == "generate.py":
+            args = ["--model", str(path), "--max-tokens", "2"]
+        else:
+            args = ["--hf-path", str(path), "--mlx-path", str(tmp_path / case), "-q"]
+        proc = subprocess.Popen([PYTHON, prog, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        runs.append((proc, culprit, prog))
+    for proc, culprit, prog in runs:
+        _, stderr = proc.communicate(timeout=120)
+        _check_cli(proc.returncode, stderr, culprit, prog)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_missing_model_dir(tmp_path, capsys):
+    convert_cli = _script("convert")
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "out")])
+    _check_cli(e.value.code, capsys.readouterr().err, "nope", "convert.py")
+
+
+def test_cli_existing_output(tiny_ckpt, tmp_path, capsys):
+    convert_cli = _script("convert")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(["--hf-path", str(tiny_ckpt), "--mlx-path", str(tmp_path / "out"), "--quiet"])
+    _check_cli(e.value.code, capsys.readouterr().err, str(tmp_path / "out"), "convert.py")
