@@ -2,7 +2,6 @@
 correct index, atomic output, the --mtp-only graft, and the CLI."""
 
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -20,7 +19,8 @@ from mlx_step35.conversion import ShardWriter
 from mlx_step35.safetensors_io import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def _np(x):
@@ -215,7 +215,8 @@ def test_mtp_only_graft_onto_mlx_lm_conversion(tiny_ckpt, conversions, tokens, t
 
     target = tmp_path / "mlx_lm_4bit"
     mlx_lm_convert(str(tiny_ckpt), str(target), quantize=True, q_bits=4, q_group_size=64, dtype="float32")
-    assert not any(".layers.5." in k for k in json.loads((target / "model.safetensors.index.json").read_text())["weight_map"])
+    stored = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(".layers.5." in k for k in stored)  # mlx-lm dropped the MTP layers
     convert(tiny_ckpt, target, mtp_only=True, dtype="float32")
     grafted, _ = load(target, dtype="float32")
     direct, _ = load(conversions["q"], dtype="float32")

@@ -1,6 +1,5 @@
 """Config parsing, `load()` variants, the +1 norm rule, quantize-on-load and streamed expert slices."""
 
-import copy
 import json
 import shutil
 import warnings
