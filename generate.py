@@ -32,8 +32,9 @@ def main(argv=None):
                    help="tokens drafted per step; auto (default) picks 0-3 each step from the "
                    "measured acceptance and step times")
     p.add_argument("--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of unquantized weights (default bfloat16)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
+                   "the stored dtype for conversions)")
     p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
     a = p.parse_args(argv)
     if a.max_tokens < 1:

@@ -29,6 +29,7 @@ IGNORED = {
     "vision_config", "projector_bias", "image_token_id", "im_end_token", "im_patch_token",
     "im_start_token", "understand_projector_stride", "sink", "use_rope_layers",
     "rope_parameters", "tie_word_embeddings_in_mtp", "num_nextn_predict_layers",
+    "att_impl_type", "attention_type",
 }
 
 

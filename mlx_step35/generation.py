@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from .cache import rewind
 from .sampling import Sampler, as_sampler, process
-from .speculative import AutoDraft, FixedDraft, MTPDrafter, SpecStats, accept
+from .speculative import AutoDraft, FixedDraft, MTPDrafter, SpecStats, accept, draft_bytes_ratio
 
 PREFILL_STEP = 512
 MAX_DRAFT = 3
@@ -68,21 +68,26 @@ def generate_step(
             draft_mtp = False
     policy = None
     if draft_mtp:
-        depth = model.num_mtp if num_draft == "auto" else min(num_draft, model.num_mtp)
-        policy = AutoDraft(depth) if num_draft == "auto" else FixedDraft(depth)
+        if num_draft == "auto":
+            policy = AutoDraft(model.num_mtp, draft_bytes_ratio(model))
+        else:
+            policy = FixedDraft(min(num_draft, model.num_mtp))
     slack = (policy.max_depth if policy else 0) + 1
     cache = model.make_cache(slack=slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
     with mx.stream(_stream()):
+        tic = time.perf_counter()
         h = _prefill(model, tokens, cache, drafter, prefill_step_size)
         logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
-        if drafter is None:
-            yield from _plain(model, tokens, cache, sampler, logits_processors, logprobs, max_tokens)
-            return
         tok = int(sampler(logprobs).item())
         tokens.append(tok)
+        if policy:
+            policy.observe_prefill(len(prompt), time.perf_counter() - tic)
         yield tok, logprobs[0], False
+        if policy is None:
+            yield from _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1)
+            return
         yield from _speculative(model, tokens, cache, drafter, sampler, logits_processors,
                                 policy, max_tokens - 1, stats)
 
@@ -107,52 +112,69 @@ def _prefill(model, tokens, cache, drafter, step):
     return h
 
 
-def _plain(model, tokens, cache, sampler, processors, logprobs, max_tokens):
-    """Plain decoding, pipelined: the next step's graph is built while this one computes."""
-    hist = mx.array(tokens)
+def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None):
+    """Plain decoding of `count` tokens after tokens[-1] (verified, not yet through the
+    trunk), pipelined: the next step's graph is built while this one computes."""
+    hist = mx.array(tokens[:-1], dtype=mx.int32)
 
     def step(y):
         nonlocal hist
+        h = model.hidden(y[None], cache)
         if processors:
             hist = mx.concatenate([hist, y])
-        lp = process(model(y[None], cache)[:, -1], hist, processors)
-        return sampler(lp), lp[0]
+        lp = process(model.logits(h)[:, -1], hist, processors)
+        return sampler(lp).astype(mx.int32), lp[0], h
 
-    y, lp = sampler(logprobs), logprobs[0]
-    mx.async_eval(y, lp)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
+    nxt = step(mx.array(tokens[-1:], dtype=mx.int32))
+    mx.async_eval(nxt)
+    for i in range(count):
+        y, lp, h = nxt
+        if i + 1 < count:
             nxt = step(y)
-            mx.async_eval(*nxt)
-        yield int(y.item()), lp, False
-        if n + 1 < max_tokens:
-            y, lp = nxt
+            mx.async_eval(nxt)
+        tok = int(y.item())
+        tokens.append(tok)
+        if drafter:
+            drafter.add_trunk(h)
+        yield tok, lp, False
 
 
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
-    """Draft, verify, accept, rewind; yields the accepted tokens of each step."""
+    """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
+    and verification form one lazy graph, evaluated once when the step is decided."""
     n_out = 0
     while n_out < max_new:
         tic = time.perf_counter()
         n = min(policy.choose(), max_new - n_out - 1)
-        drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else ([], [])
-        h = model.hidden(mx.array([tokens[-1:] + drafts]), cache)  # verify: one trunk pass
+        if n == 0 and policy.plain_run:  # a stretch of pipelined plain decoding
+            run = min(policy.plain_run, max_new - n_out)
+            yield from _plain_run(model, tokens, cache, sampler, processors, run, drafter)
+            n_out += run
+            policy.update_plain(run, time.perf_counter() - tic)
+            stats.plain_tokens += run
+            continue
+        drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (
+            mx.array([], dtype=mx.int32), [])
+        inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
+        h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
         logits = model.logits(h)[0]
-        rows, target = [], []
-        for i in range(len(drafts) + 1):
-            lp = process(logits[i : i + 1], tokens + drafts[:i], processors)
-            rows.append(lp[0])
-            target.append(sampler.probs(lp))
-        n_acc, nxt = accept(drafts, dists, target, sampler)
-        rewind(cache, len(drafts) - n_acc)
+        if processors:
+            hist = mx.array(tokens, dtype=mx.int32)
+            lp = mx.concatenate([process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors)
+                                 for i in range(n + 1)])
+        else:
+            lp = logits.astype(mx.float32)
+            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        n_acc, nxt = accept(drafts, dists, lp, sampler)
+        rewind(cache, n - n_acc)
         drafter.add_trunk(h[:, : n_acc + 1])
         policy.update(n, n_acc, time.perf_counter() - tic)
-        stats.record(len(drafts), n_acc)
+        stats.record(n, n_acc)
         stats.verify_steps += 1
-        new = drafts[:n_acc] + [nxt]
+        new = drafts[:n_acc].tolist() + [nxt]
         tokens.extend(new)
         for i, t in enumerate(new):
-            yield t, rows[i], i < n_acc
+            yield t, lp[i], i < n_acc
             n_out += 1
             if n_out >= max_new:
                 return
@@ -240,10 +262,15 @@ def format_stats(r: GenerationResponse) -> str:
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
     ]
     s = r.stats
-    if s.drafted:
-        lines.append(f"Tokens per verify step: {r.generation_tokens / max(s.verify_steps + 1, 1):.2f}")
-        lines.append("MTP acceptance by depth: " + ", ".join(
-            f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)))
+    if s.verify_steps or s.plain_tokens:
+        passes = 1 + s.verify_steps + s.plain_tokens
+        lines.append(f"Tokens per trunk pass: {r.generation_tokens / passes:.2f} "
+                     f"({s.verify_steps} verify steps, {s.plain_tokens} plain steps)")
+        if s.drafted:
+            lines.append("MTP acceptance by depth: " + ", ".join(
+                f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)))
+        else:
+            lines.append("MTP drafts: none (auto: drafting was not expected to pay on this machine)")
     lines.append(f"Peak memory: {r.peak_memory:.3f} GB")
     return "\n".join(lines)
 

@@ -50,8 +50,8 @@ def resolve_path(path_or_repo: Union[str, Path, None]) -> Path:
     )
 
 
-def parse_dtype(dtype) -> mx.Dtype:
-    if isinstance(dtype, mx.Dtype):
+def parse_dtype(dtype) -> Optional[mx.Dtype]:
+    if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -75,6 +75,8 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
         warnings.warn(f"{path}: the checkpoint has no MTP weights; loading the trunk only", stacklevel=3)
     if source_format(config, keys) == "mlx":
         recipe = None  # a conversion loads as converted (quantized or not)
+    elif dtype is None:
+        dtype = mx.bfloat16
     model = Model(args, mtp=with_mtp)
     plan = WeightPlan(model, args, config, keys, recipe, dtype)
     warn_unused(keys, args, nested)
@@ -87,7 +89,7 @@ def load(
     quantize: Union[bool, QuantRecipe] = True,
     q_bits: int = 4,
     q_group_size: int = 64,
-    dtype: Union[str, mx.Dtype] = "bfloat16",
+    dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a Step-3.5/3.7-Flash model and its tokenizer.
@@ -95,7 +97,8 @@ def load(
     `path` is an original HF checkpoint (BF16 shards + index), a directory written by
     `convert`, or an mlx-lm conversion. Full-precision weights are quantized while they
     stream in, one tensor (stacked experts: one slice) at a time, following `QuantRecipe`
-    (`quantize=False` keeps `dtype`). A conversion loads as it was converted. With
+    (`quantize=False` keeps `dtype`, default bfloat16). A conversion loads as it was
+    converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
     """
     path = resolve_path(path)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .cache import rewind
 from .sampling import Sampler, process
@@ -20,7 +21,8 @@ from .sampling import Sampler, process
 class SpecStats:
     """Acceptance statistics of one generation."""
 
-    verify_steps: int = 0  # trunk forward passes after the prompt
+    verify_steps: int = 0  # speculative steps (one trunk pass each)
+    plain_tokens: int = 0  # tokens decoded plainly, one trunk pass each (--num-draft auto)
     drafted: List[int] = field(default_factory=list)  # per MTP depth
     accepted: List[int] = field(default_factory=list)
 
@@ -34,6 +36,7 @@ class SpecStats:
 
     def merge(self, other: "SpecStats"):
         self.verify_steps += other.verify_steps
+        self.plain_tokens += other.plain_tokens
         for d, (n, a) in enumerate(zip(other.drafted, other.accepted)):
             if d == len(self.drafted):
                 self.drafted.append(0)
@@ -62,13 +65,12 @@ class MTPDrafter:
         self.hidden[0] = _cat(self.hidden[0], h)
         self.done[0] += h.shape[1]
 
-    def _run(self, k: int, t0: int, t1: int, seq: List[int], h_prev: mx.array) -> mx.array:
-        """Block k over positions [t0, t1) in chunks; returns h_k rows [1, t1 - t0, H]."""
+    def _run(self, k: int, toks: mx.array, h_prev: mx.array) -> mx.array:
+        """Block k over len(toks) positions (tokens x_{t+k}, rows h_{k-1,t}), in chunks."""
         outs = []
-        for s in range(t0, t1, self.chunk):
-            e = min(t1, s + self.chunk)
-            toks = mx.array([seq[s + k : e + k]])
-            h, _ = self.model.mtp_step(k, toks, h_prev[:, s - t0 : e - t0], self.cache[k - 1])
+        for s in range(0, toks.shape[0], self.chunk):
+            e = s + self.chunk
+            h, _ = self.model.mtp_step(k, toks[None, s:e], h_prev[:, s:e], self.cache[k - 1])
             outs.append(h)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
@@ -78,46 +80,52 @@ class MTPDrafter:
         for k in range(1, (depth or self.K) + 1):
             t0 = self.done[k]
             t1 = min(len(seq) - k, self.done[k - 1])
-            if t1 > t0:
-                out = self._run(k, t0, t1, seq, self.hidden[k - 1][:, : t1 - t0])
-                self.hidden[k] = _cat(self.hidden[k], out)
-                self.done[k] = t1
-            if self.hidden[k - 1] is not None:  # block k no longer needs rows before done[k]
-                self.hidden[k - 1] = self.hidden[k - 1][:, self.done[k] - t0 :] if t1 > t0 else self.hidden[k - 1]
+            if t1 <= t0:
+                continue
+            toks = mx.array(seq[t0 + k : t1 + k], dtype=mx.int32)
+            out = self._run(k, toks, self.hidden[k - 1][:, : t1 - t0])
+            self.hidden[k] = _cat(self.hidden[k], out)
+            self.hidden[k - 1] = self.hidden[k - 1][:, t1 - t0 :]  # block k is past these rows
+            self.done[k] = t1
         last = self.hidden[self.K]
         if last is not None and last.shape[1] > 1:
             self.hidden[self.K] = last[:, -1:]
 
     def draft(self, seq: List[int], n: int, sampler: Sampler, processors=None
-              ) -> Tuple[List[int], List[mx.array]]:
+              ) -> Tuple[mx.array, List[mx.array]]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
-        verified token); returns the drafts and the distributions they were drawn from."""
+        verified token). Returns the drafts as a lazy int32 array [n] and, per draft, the
+        distribution it was drawn from [1, V] (lazy: nothing is evaluated here)."""
         self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
             raise ValueError("draft() needs exactly one verified token beyond the trunk")
         drafts, dists = [], []
-        ext = list(seq)
+        history = mx.array(seq, dtype=mx.int32) if processors else None
         prev = None  # block k-1's rows [done[k-1], P), computed for this draft only
         try:
             for k in range(1, n + 1):
                 t0 = self.done[k]
                 if t0 == P:  # all rows committed: the draft reads the last committed h_k
                     h_k, prev = self.hidden[k][:, -1:], None
-                else:  # rows [t0, P) read drafts: computed now, rewound below
-                    prev = self._run(k, t0, P, ext, _cat(self.hidden[k - 1], prev))
+                else:  # rows [t0, P) read x_{t+k}: verified up to seq[P], then drafts 1..k-1
+                    toks = mx.concatenate([mx.array(seq[t0 + k :], dtype=mx.int32)] + drafts)
+                    prev = self._run(k, toks, _cat(self.hidden[k - 1], prev))
                     h_k = prev[:, -1:]
                 logits = self.model.mtp[k - 1].shared_head(h_k)[:, -1]
-                dist = sampler.probs(process(logits, ext, processors))
-                tok = int(dist.argmax().item()) if sampler.greedy else int(
-                    mx.random.categorical(mx.log(dist)).item())
+                hist = mx.concatenate([history] + drafts) if processors else None
+                lp = process(logits, hist, processors)
+                if sampler.greedy:
+                    tok = lp.argmax(axis=-1).astype(mx.int32)
+                else:
+                    dist = sampler.probs(lp)
+                    tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
+                    dists.append(dist)
                 drafts.append(tok)
-                dists.append(dist)
-                ext.append(tok)
         finally:  # keep only committed entries, whatever happened
             for k in range(1, self.K + 1):
                 rewind([self.cache[k - 1]], self.cache[k - 1].offset - self.done[k])
-        return drafts, dists
+        return mx.concatenate(drafts), dists
 
 
 def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:
@@ -128,38 +136,64 @@ def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:
     return mx.concatenate([a, b], axis=1)
 
 
-def accept(drafts: List[int], dists: List[mx.array], target: List[mx.array], sampler: Sampler
+def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler: Sampler
            ) -> Tuple[int, int]:
-    """Lossless acceptance (Leviathan et al. / Chen et al.).
+    """Lossless acceptance (Leviathan et al. / Chen et al.), evaluated in one sync.
 
-    Draft d_i, drawn from q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i))
-    where p_i is the trunk's processed distribution at that position; at the first
-    rejection the token is drawn from normalize(max(0, p_i - q_i)); if all are accepted
-    a bonus token is drawn from the trunk's next distribution. The output is then
-    distributed exactly as the trunk's own samples. Greedy: p and q are one-hot, so a
-    draft is accepted iff it equals the trunk's argmax, and the trunk's argmax follows.
+    `logprobs` [n+1, V] are the trunk's processed log-probabilities at the n draft
+    positions and the one after. Draft d_i, drawn from q_i, is accepted with probability
+    min(1, p_i(d_i) / q_i(d_i)); at the first rejection the token is drawn from
+    normalize(max(0, p_i - q_i)); if all n are accepted a bonus token is drawn from p_n.
+    The output is then distributed exactly as the trunk's own samples. Greedy: p and q
+    are one-hot, so d_i is accepted iff it equals the trunk's argmax, which follows it.
     Returns (number of drafts accepted, the token that follows them).
     """
-    for i, (d, q) in enumerate(zip(drafts, dists)):
-        p = target[i]
-        if sampler.greedy:
-            ok = int(p.argmax().item()) == d
-        else:
-            ratio = (p[0, d] / q[0, d]).item()
-            ok = ratio >= 1 or mx.random.uniform().item() < ratio
-        if not ok:
-            if sampler.greedy:
-                return i, int(p.argmax().item())
-            residual = mx.maximum(p - q, 0)
-            return i, int(mx.random.categorical(mx.log(residual / residual.sum())).item())
-    last = target[len(drafts)]
+    n = drafts.shape[0]
     if sampler.greedy:
-        return len(drafts), int(last.argmax().item())
-    return len(drafts), int(mx.random.categorical(mx.log(last)).item())
+        target = logprobs.argmax(axis=-1)
+        mx.eval(target, drafts)
+        t, d = target.tolist(), drafts.tolist()
+        n_acc = next((i for i in range(n) if d[i] != t[i]), n)
+        return n_acc, t[n_acc]
+    p = sampler.probs(logprobs)  # [n+1, V]
+    bonus = mx.random.categorical(mx.log(p[n]))
+    if n == 0:
+        return 0, int(bonus.item())
+    q = mx.concatenate(dists)  # [n, V]
+    idx = drafts[:, None]
+    ratio = mx.take_along_axis(p[:n], idx, axis=-1)[:, 0] / mx.take_along_axis(q, idx, axis=-1)[:, 0]
+    ok = mx.random.uniform(shape=(n,)) < ratio
+    residual = mx.maximum(p[:n] - q, 0)
+    mass = residual.sum(axis=-1)
+    resample = mx.random.categorical(mx.log(mx.where(mass[:, None] > 0, residual, p[:n])))
+    mx.eval(ok, resample, bonus)
+    ok = ok.tolist()
+    n_acc = next((i for i in range(n) if not ok[i]), n)
+    return n_acc, (resample.tolist()[n_acc] if n_acc < n else int(bonus.item()))
+
+
+def draft_bytes_ratio(model) -> Tuple[float, float]:
+    """Weight bytes of one MTP block's body and of its head, over the trunk's per-token bytes
+    (everything but the routed experts, plus top_k / num_experts of those)."""
+    a = model.args
+    trunk = routed = 0
+    for name, w in tree_flatten(model.model.parameters()):
+        if "switch_mlp" in name:
+            routed += w.nbytes
+        elif "embed_tokens" not in name:
+            trunk += w.nbytes
+    trunk += sum(w.nbytes for _, w in tree_flatten(model.lm_head.parameters()))
+    trunk += routed * a.moe_top_k / a.moe_num_experts
+    block = model.mtp[0]
+    head = sum(w.nbytes for _, w in tree_flatten(block.shared_head.output.parameters()))
+    body = sum(w.nbytes for _, w in tree_flatten(block.parameters())) - head
+    return body / trunk, head / trunk
 
 
 class FixedDraft:
     """Always draft `n` tokens."""
+
+    plain_run = 0
 
     def __init__(self, n: int):
         self.n = self.max_depth = n
@@ -170,53 +204,86 @@ class FixedDraft:
     def update(self, n: int, n_accepted: int, seconds: float):
         pass
 
+    def update_plain(self, tokens: int, seconds: float):
+        pass
+
+    def observe_prefill(self, tokens: int, seconds: float):
+        pass
+
 
 class AutoDraft:
-    """Pick the draft depth (0 = plain step) that maximises expected tokens per second.
+    """Pick the draft depth n (0 = plain decoding) that maximises expected tokens/second.
 
-    Expected tokens of a step drafting n: 1 + sum_{i<=n} prod_{j<=i} a_j, with a_j the
-    measured acceptance of depth j given depths < j were accepted (Laplace-smoothed).
-    Cost: the measured wall time of steps at that depth (EMA), which captures the
-    drafting passes and the wider verify pass on whatever machine this runs on. Each
-    depth is measured twice at the start, then a neighbouring depth is re-probed every
-    `probe_every` steps so the estimates follow the text.
+    Tokens per step at depth n: E(n) = 1 + sum_{i<=n} prod_{j<=i} a_j, with a_j the
+    acceptance at depth j given depths < j were accepted, measured (prior 0.6, weight 2).
+    Seconds per step: c(1), the measured time per plain-decoding token, and for n >= 1
+    the measured EMA step time at that depth; until a depth has been measured it is
+    modelled as c(1) + n * c_batch + draft(n), with c_batch the marginal cost of a token
+    in a wider pass (from the prompt's prefill) and draft(n) = c(1) times the MTP weight
+    bytes that n drafts read over the trunk's per-token bytes. On a bandwidth-bound Mac
+    a wider pass costs little and drafting wins; where passes cost per token (a CPU),
+    drafting never pays and this stays with plain decoding, run `plain_run` tokens at a
+    time through the pipelined plain loop.
     """
 
-    def __init__(self, max_depth: int, probe_every: int = 16, ema: float = 0.2):
+    plain_run = 16
+
+    def __init__(self, max_depth: int, draft_bytes_ratio: Tuple[float, float] = (0.05, 0.05),
+                 prior: float = 0.6, prior_weight: float = 2.0, ema: float = 0.3):
         self.K = self.max_depth = max_depth
+        self.body, self.head = draft_bytes_ratio  # MTP block body / head bytes over trunk bytes
+        self.prior, self.prior_weight, self.ema = prior, prior_weight, ema
         self.tries = [0] * (max_depth + 1)  # index j: depth j drafted with 1..j-1 accepted
         self.hits = [0] * (max_depth + 1)
-        self.time = [None] * (max_depth + 1)  # EMA seconds per step, by depth
+        self.step_time = [None] * (max_depth + 1)  # EMA seconds per step, by depth
         self.seen = [0] * (max_depth + 1)
-        self.steps = 0
-        self.probe_every = probe_every
-        self.ema = ema
-        self.best = max_depth
+        self.c1 = None  # seconds per plain token
+        self.prefill = None  # (tokens, seconds)
+        self.plain_runs = 0
+
+    def acceptance(self, j: int) -> float:
+        return (self.hits[j] + self.prior * self.prior_weight) / (self.tries[j] + self.prior_weight)
 
     def expected_tokens(self, n: int) -> float:
         total, p = 1.0, 1.0
         for j in range(1, n + 1):
-            p *= (self.hits[j] + 1) / (self.tries[j] + 2)
+            p *= self.acceptance(j)
             total += p
         return total
 
+    def cost(self, n: int) -> float:
+        if n == 0:
+            return self.c1
+        if self.step_time[n] is not None:
+            return self.step_time[n]
+        tokens, seconds = self.prefill or (1, self.c1)
+        batch = max(0.0, (seconds - self.c1) / (tokens - 1)) if tokens > 1 else 0.5 * self.c1
+        draft = self.c1 * ((2 * n - 1) * self.body + n * self.head)
+        return self.c1 + n * batch + draft
+
     def choose(self) -> int:
-        self.steps += 1
-        for n in range(self.K, -1, -1):  # warm-up: the first sample of each depth is discarded
-            if self.seen[n] < 3:
-                return n
-        rates = [self.expected_tokens(n) / self.time[n] for n in range(self.K + 1)]
-        self.best = max(range(self.K + 1), key=rates.__getitem__)
-        if self.steps % self.probe_every == 0:
-            return self.best + 1 if self.best < self.K else self.best - 1
-        return self.best
+        if self.c1 is None or self.plain_runs < 2:
+            return 0  # measure plain decoding first (the first run also warms up)
+        rates = [self.expected_tokens(n) / self.cost(n) for n in range(self.K + 1)]
+        return max(range(self.K + 1), key=rates.__getitem__)
+
+    def observe_prefill(self, tokens: int, seconds: float):
+        self.prefill = (tokens, seconds)
+
+    def update_plain(self, tokens: int, seconds: float):
+        self.plain_runs += 1
+        if self.plain_runs > 1 or self.c1 is None:
+            self._ema_c1(seconds / tokens)
+
+    def _ema_c1(self, t: float):
+        self.c1 = t if self.c1 is None or self.plain_runs <= 2 else (1 - self.ema) * self.c1 + self.ema * t
 
     def update(self, n: int, n_accepted: int, seconds: float):
         for j in range(1, min(n, n_accepted + 1) + 1):
             self.tries[j] += 1
             self.hits[j] += j <= n_accepted
         self.seen[n] += 1
-        if self.seen[n] == 1:
-            return  # first step at a depth pays one-time compilation and allocation
-        t = self.time[n]
-        self.time[n] = seconds if t is None else (1 - self.ema) * t + self.ema * seconds
+        if n == 0 or self.seen[n] == 1:
+            return  # the first step at a depth pays one-time compilation
+        t = self.step_time[n]
+        self.step_time[n] = seconds if t is None else (1 - self.ema) * t + self.ema * seconds

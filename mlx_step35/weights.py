@@ -172,7 +172,7 @@ class WeightPlan:
         if self.fmt == "hf" and module in self.norms:
             w = w.astype(mx.float32) + 1.0  # zero-centred norm: applied as 1 + w
         if mx.issubdtype(w.dtype, mx.floating):
-            w = w.astype(self.dtype if self.cast(internal) else mx.float32)
+            w = w.astype((self.dtype or w.dtype) if self.cast(internal) else mx.float32)
         return w
 
     def _quantized(self, reader, key, internal, module):

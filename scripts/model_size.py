@@ -23,10 +23,16 @@ REAL = {
 }
 
 
-def sizes(recipe):
+def lazy_model(recipe=None) -> Model:
+    """The real-size model, its weights never materialised (MLX arrays are lazy)."""
     model = Model(parse_config(REAL))
     if recipe:
         nn.quantize(model, class_predicate=lambda p, m: recipe.params(p, m) or False)
+    return model
+
+
+def sizes(recipe):
+    model = lazy_model(recipe)
     total, experts, mtp = 0, 0, 0
     for name, w in tree_flatten(model.parameters()):
         b = w.size * (2 if w.dtype == mx.float32 and "router_bias" not in name else w.dtype.size)

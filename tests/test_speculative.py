@@ -52,7 +52,8 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     stats = SpecStats()
     spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
     assert spec == plain
-    assert len(stats.drafted) == (3 if num_draft == "auto" else num_draft)  # auto tries every depth
+    if num_draft != "auto":  # (auto drafts only where it pays: see the tests below)
+        assert len(stats.drafted) == num_draft
     if which == "mixed_model":  # really exercises partial acceptance and rewinds
         assert 0 < stats.accepted[0] < stats.drafted[0]
         assert stats.verify_steps < GEN - 1
@@ -75,6 +76,39 @@ def test_perfect_drafts_all_accepted(perfect_model, num_draft):
     assert stats.verify_steps == math.ceil((GEN - 1) / (num_draft + 1))
 
 
+@pytest.mark.parametrize("which", ["random_model", "mixed_model"])
+def test_auto_switching_depths_and_plain_runs_is_lossless(which, request, monkeypatch):
+    """Depth changes every step, with stretches of plain decoding in between (after which
+    the MTP caches catch up over many rows): still identical to plain decoding."""
+    from mlx_step35.speculative import AutoDraft
+
+    model = request.getfixturevalue(which)
+    script = iter([0, 3, 1, 0, 2, 3, 1, 1, 0, 3, 2] * 20)
+    monkeypatch.setattr(AutoDraft, "choose", lambda self: next(script))
+    monkeypatch.setattr(AutoDraft, "plain_run", 5)
+    stats = SpecStats()
+    plain = tokens_of(model, PROMPT, max_tokens=GEN)
+    assert tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats) == plain
+    assert stats.plain_tokens >= 10 and len(stats.drafted) == 3
+
+
+def test_auto_drafts_when_wider_passes_are_cheap(mixed_model, monkeypatch):
+    """With a bandwidth-bound cost model (a verify pass costs about one plain step, as on
+    a Mac) auto drafts deep; with per-token costs (as on this CPU) it decodes plainly."""
+    from mlx_step35.speculative import AutoDraft
+
+    base = AutoDraft(3, (0.05, 0.05))
+    base.c1, base.plain_runs, base.prefill = 0.01, 2, (100, 0.02)  # prefill: 0.1 ms per extra token
+    assert base.choose() >= 2
+    base.prefill = (100, 1.0)  # a wider pass costs a full plain step per token
+    assert base.choose() == 0
+    monkeypatch.setattr(AutoDraft, "cost", lambda self, n: 0.01 * (1 + 0.05 * n))
+    stats = SpecStats()
+    plain = tokens_of(mixed_model, PROMPT, max_tokens=GEN)
+    assert tokens_of(mixed_model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats) == plain
+    assert stats.verify_steps > 5 and stats.drafted[0] > 5
+
+
 def test_drafts_match_teacher_forced_mtp(mixed_model, random_model, monkeypatch):
     """Every draft equals the argmax of mtp_logits on (verified tokens + earlier drafts)."""
     calls = []
@@ -82,7 +116,7 @@ def test_drafts_match_teacher_forced_mtp(mixed_model, random_model, monkeypatch)
 
     def spy(self, seq, n, sampler, processors=None):
         drafts, dists = original(self, seq, n, sampler, processors)
-        calls.append((list(seq), list(drafts)))
+        calls.append((list(seq), drafts.tolist()))
         return drafts, dists
 
     monkeypatch.setattr(MTPDrafter, "draft", spy)
@@ -155,9 +189,10 @@ def test_accept_rule_reproduces_target_distribution():
     q = mx.array([[0.05, 0.10, 0.30, 0.30, 0.15, 0.10]])
     sampler = make_sampler(temp=1.0)
     drafts = np.array(mx.random.categorical(mx.log(q), num_samples=N))[0]
+    logprobs = mx.log(mx.concatenate([p, p]))  # trunk at the draft position and after it
     counts = np.zeros(V)
     for d in drafts:
-        n_acc, nxt = accept([int(d)], [q], [p, p], sampler)
+        n_acc, nxt = accept(mx.array([int(d)]), [q], logprobs, sampler)
         counts[int(d) if n_acc == 1 else nxt] += 1
     expected = np.array(p)[0] * N
     stat = float(((counts - expected) ** 2 / expected).sum())
@@ -201,9 +236,9 @@ def test_sampling_distribution_matches_plain():
 def test_cli_end_to_end(tiny_ckpt):
     cmd = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny_ckpt), "--draft-mtp",
            "--max-tokens", "12", "--prompt", "hello"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth" in r.stdout
+    assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
     for bad in (["--num-draft", "0"], ["--num-draft", "4"], ["--model", str(tiny_ckpt) + "-missing"]):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2

@@ -1,0 +1,142 @@
+"""Benchmark 3: a bandwidth model of decoding the real Step-3.5-Flash at 4 bits on a Mac.
+
+A Mac decodes at memory speed, so cost = weight (and KV) bytes read per generated token.
+Byte counts come from the real architecture built lazily (no weights) under our 4-bit
+recipe. A verify pass over m tokens reads the dense weights once but the union of the
+experts its m tokens route to; drafting at depth n reads MTP blocks 1..n (commit pass),
+blocks 2..n again (draft pass) and heads 1..n. Projected tokens/s = efficiency x bandwidth
+/ bytes per token, with the efficiency calibrated on llama.cpp's published 48 tok/s
+(M4 Max, Q4_K_S, no MTP). These are projections, not measurements.
+
+    python benchmarks/bandwidth.py [--acceptance 0.9,0.8,0.7] [--context 4096]
+"""
+
+import argparse
+import sys
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from common import ROOT, demo_model
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from model_size import lazy_model  # noqa: E402
+
+from mlx_step35.weights import QuantRecipe  # noqa: E402
+
+MACS = {"M3 Max (400 GB/s)": 400e9, "M4 Max (546 GB/s)": 546e9, "M3 Ultra (819 GB/s)": 819e9}
+LLAMA_CPP_M4_MAX = 48.0  # tok/s, Q4_K_S, empty context, no MTP (published)
+
+
+def nbytes(w, name):
+    return w.size * (2 if w.dtype == mx.float32 and "router_bias" not in name else w.dtype.size)
+
+
+def components():
+    model = lazy_model(QuantRecipe())
+    a = model.args
+    c = dict(dense=0, experts=0, mtp_body=0, mtp_head=0, lm_head=0)
+    for name, w in tree_flatten(model.parameters()):
+        b = nbytes(w, name)
+        if name.startswith("mtp."):
+            c["mtp_head" if ".shared_head.output." in name else "mtp_body"] += b
+        elif "switch_mlp" in name:
+            c["experts"] += b
+        elif name.startswith("lm_head"):
+            c["lm_head"] += b
+        elif not name.startswith("model.embed_tokens"):  # one embedding row per token: ~0
+            c["dense"] += b
+    n_moe = len(a.moe_layers)
+    c["expert_each"] = c["experts"] / (a.moe_num_experts * n_moe)
+    c["n_moe"], c["E"], c["k"] = n_moe, a.moe_num_experts, a.moe_top_k
+    c["mtp_body"] /= a.num_nextn_predict_layers
+    c["mtp_head"] /= a.num_nextn_predict_layers
+    full = sum(1 for i in range(a.num_hidden_layers) if not a.is_sliding(i))
+    c["kv_full_per_token"] = full * 2 * a.num_attention_groups * a.head_dim * 2
+    c["kv_sliding"] = (a.num_hidden_layers - full) * 2 * a.num_attention_groups * a.head_dim * 2 * a.sliding_window
+    return c
+
+
+def distinct_independent(E, k, m):
+    return E * (1 - (1 - k / E) ** m)
+
+
+def demo_overlap(max_m=4):
+    """Distinct experts touched by m consecutive tokens of real text on the demo model,
+    relative to independent routing (1.0 = as if independent)."""
+    from mlx_step35 import load
+    from mlx_step35.model import MoEGate
+
+    model, tok = load(demo_model())
+    picks = []
+    orig = MoEGate.__call__
+
+    def spy(self, x):
+        idx, w = orig(self, x)
+        picks.append(idx)
+        return idx, w
+
+    text = open(ROOT / "mlx_step35" / "speculative.py").read()[:4000]
+    ids = mx.array([tok.encode(text)])
+    MoEGate.__call__ = spy
+    try:
+        model(ids)
+    finally:
+        MoEGate.__call__ = orig
+    E, k = model.args.moe_num_experts, model.args.moe_top_k
+    out = {}
+    for m in range(1, max_m + 1):
+        counts = []
+        for idx in picks:  # [1, L, k] per MoE layer
+            rows = idx[0].tolist()
+            counts += [len({e for r in rows[s : s + m] for e in r}) for s in range(0, len(rows) - m, m)]
+        measured = sum(counts) / len(counts)
+        out[m] = (measured - k) / (distinct_independent(E, k, m) - k) if m > 1 else 1.0
+    return out, E, k
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--acceptance", default="0.9,0.8,0.7",
+                    help="conditional acceptance at depths 1,2,3 (default: assumed 0.9,0.8,0.7)")
+    ap.add_argument("--context", type=int, default=0, help="tokens of context already in the KV cache")
+    a = ap.parse_args()
+    acc = [float(x) for x in a.acceptance.split(",")]
+    c = components()
+    overlap, dE, dk = demo_overlap()
+    kv = c["kv_full_per_token"] * a.context + c["kv_sliding"] * (a.context > 0)
+
+    def verify_bytes(m, corr):
+        extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
+        return c["dense"] + c["lm_head"] + kv + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+
+    def draft_bytes(n):
+        return 0 if n == 0 else (2 * n - 1) * c["mtp_body"] + n * c["mtp_head"]
+
+    G = 1e9
+    print(f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
+          f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "
+          f"MTP block body {c['mtp_body'] / G:.2f} GB + head {c['mtp_head'] / G:.2f} GB; context {a.context}")
+    print(f"Demo model ({dE} experts, top-{dk}): distinct experts of m consecutive tokens beyond the first "
+          "token's, relative to independent routing: " + ", ".join(f"m={m}: {v:.2f}" for m, v in overlap.items()))
+    plain = verify_bytes(1, False)
+    eff = LLAMA_CPP_M4_MAX * plain / MACS["M4 Max (546 GB/s)"]
+    print(f"Bytes per token, plain decoding: {plain / G:.2f} GB; implied efficiency from llama.cpp's "
+          f"{LLAMA_CPP_M4_MAX:.0f} tok/s on M4 Max: {eff:.0%} of peak bandwidth")
+    print(f"\nAcceptance assumed per depth: {acc}\n")
+    header = "| depth | tokens/step | verify GB (indep. / corr.) | GB per token (indep. / corr.) | " + " | ".join(MACS) + " |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for n in range(0, 4):
+        E_n, p = 1.0, 1.0
+        for j in range(n):
+            p *= acc[j]
+            E_n += p
+        vi, vc = verify_bytes(n + 1, False), verify_bytes(n + 1, True)
+        ti, tc = (vi + draft_bytes(n)) / E_n, (vc + draft_bytes(n)) / E_n
+        speeds = " | ".join(f"{eff * bw / ti:.0f}-{eff * bw / tc:.0f} tok/s" for bw in MACS.values())
+        print(f"| {n} | {E_n:.2f} | {vi / G:.2f} / {vc / G:.2f} | {ti / G:.2f} / {tc / G:.2f} | {speeds} |")
+
+
+if __name__ == "__main__":
+    main()
