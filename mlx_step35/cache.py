@@ -6,7 +6,7 @@ cannot restore the entries that the rejected tokens overwrote. SlidingKVCache ke
 tokens is exact at any offset.
 """
 
-from typing import List, Optional
+from typing import List
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
@@ -15,12 +15,14 @@ from mlx_lm.models.cache import KVCache
 class FullKVCache(KVCache):
     """mlx-lm's KVCache whose trim refuses to do less than asked."""
 
+    def can_trim(self, n: int) -> bool:
+        return 0 <= n <= self.offset
+
     def trim(self, n: int) -> int:
-        if n > self.offset:
+        if not self.can_trim(n):
             raise ValueError(f"cannot rewind {n} tokens: the cache holds {self.offset}")
         self.offset -= n
         return n
-
 
 
 class SlidingKVCache:
@@ -93,12 +95,15 @@ class SlidingKVCache:
         k = (end - 1 - (end - 1 - slots) % self.capacity)[None]  # newest position in each slot
         return (k >= end - stored) & (k <= q) & (q - k < self.window)
 
+    def can_trim(self, n: int) -> bool:
+        # the window of the next query must still be complete after the rewind
+        return 0 <= n <= self.offset and self.stored - n >= min(self.offset - n, self.window - 1)
+
     def trim(self, n: int) -> int:
-        needed = min(self.offset - n, self.window - 1)
-        if n > self.offset or self.stored - n < needed:
+        if not self.can_trim(n):
             raise ValueError(
-                f"cannot rewind {n} tokens: a sliding cache with slack {self.slack} "
-                f"can rewind at most {self.stored - min(self.offset, self.window - 1)} now"
+                f"cannot rewind {n} tokens: a sliding cache (window {self.window}, slack "
+                f"{self.slack}) holding {self.stored} of {self.offset} tokens cannot restore them"
             )
         self.offset -= n
         self.stored -= n
@@ -116,19 +121,12 @@ class SlidingKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def causal_mask(start: int, n: int, end: int, window: Optional[int] = None) -> mx.array:
-    """Boolean mask [n, end] for queries at start..start+n-1 over keys at 0..end-1."""
-    q = mx.arange(start, start + n)[:, None]
-    k = mx.arange(end)[None]
-    mask = k <= q
-    if window is not None:
-        mask = mask & (q - k < window)
-    return mask
-
-
 def rewind(caches: List, n: int) -> int:
-    """Remove the last n tokens from every cache; raises if any cache cannot."""
+    """Remove the last n tokens from every cache, or from none: raises if any cannot."""
+    caches = [c for c in caches if c is not None]
+    bad = next((c for c in caches if not c.can_trim(n)), None)
+    if bad is not None:
+        bad.trim(n)  # raises with the reason
     for c in caches:
-        if c is not None and c.trim(n) != n:
-            raise ValueError(f"{type(c).__name__} could not rewind {n} tokens")
+        c.trim(n)
     return n

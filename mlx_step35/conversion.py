@@ -177,19 +177,7 @@ def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bflo
     for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if getattr(args, field) != getattr(targs, field):
             raise ConfigError(f"{target}: {field} differs from {src} ({getattr(targs, field)} vs {getattr(args, field)})")
-    mtp_files = {f for k, f in keys.items() if (to_internal(k, args, plan.nested) or "").startswith("mtp.")}
-    writer = ShardWriter(target, MAX_SHARD_BYTES, prefix=".mtp-graft")
-    seen = set()
-    total = sum(os.path.getsize(f) for f in mtp_files)
-    with _progress(total, progress, "grafting MTP") as bar:
-        for name, arr in stream(plan, src, keys, only=mtp_files, on_tensor=bar.update):
-            if name.startswith("mtp."):
-                seen.add(name)
-                writer.add(to_storage(name, args), arr)
-    missing = plan.checkpoint_names([k for k in plan.missing(seen) if k.startswith("mtp.")])
-    if missing:
-        raise CheckpointError(f"{src}: missing MTP tensor(s) {', '.join(missing[:5])}")
-    writer.flush()
+    writer = _write_mtp_shards(src, target, args, keys, plan, progress)
     index_path = target / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {
         "metadata": {}, "weight_map": {k: Path(f).name for k, f in tkeys.items()}}
@@ -213,3 +201,25 @@ def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bflo
     _write_json(target / "config.json", new_cfg)
     _write_json(index_path, index)  # last: until the index lists them, the new shards are unused
     return target
+
+
+def _write_mtp_shards(src, target, args, keys, plan, progress) -> ShardWriter:
+    """Stream the MTP layers of `src` into hidden shards in `target` (removed on failure)."""
+    mtp_files = {f for k, f in keys.items() if (to_internal(k, args, plan.nested) or "").startswith("mtp.")}
+    writer = ShardWriter(target, MAX_SHARD_BYTES, prefix=".mtp-graft")
+    seen = set()
+    try:
+        with _progress(sum(os.path.getsize(f) for f in mtp_files), progress, "grafting MTP") as bar:
+            for name, arr in stream(plan, src, keys, only=mtp_files, on_tensor=bar.update):
+                if name.startswith("mtp."):
+                    seen.add(name)
+                    writer.add(to_storage(name, args), arr)
+        missing = plan.checkpoint_names([k for k in plan.missing(seen) if k.startswith("mtp.")])
+        if missing:
+            raise CheckpointError(f"{src}: missing MTP tensor(s) {', '.join(missing[:5])}")
+        writer.flush()
+    except BaseException:
+        for tmp, _ in writer.files:
+            (target / tmp).unlink(missing_ok=True)
+        raise
+    return writer
