@@ -60,15 +60,17 @@ def bench(model, tokenizer, sampler, rounds, n_gen):
 
 def table(label, speed, ratio, agg, tokens):
     print(f"\n{label}\n")
-    print("| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per verify step | "
-          "trunk passes per token | acceptance by depth |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per trunk pass | "
+          "trunk passes per token | steps drafting / plain | acceptance by depth |")
+    print("|---|---|---|---|---|---|---|")
     for name, _ in MODES:
         a = agg[name]
-        per_step = tokens[name] / a.verify_steps if name != "plain" else 1.0
+        passes = a.verify_steps + a.plain_tokens if name != "plain" else tokens[name]
+        per_pass = tokens[name] / passes
         acc = ", ".join(f"{x:.0%}" for x in a.acceptance) or "-"
-        print(f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_step:.2f} | "
-              f"{1 / per_step:.3f} | {acc} |")
+        mix = f"{a.verify_steps} / {a.plain_tokens if name != 'plain' else passes}"
+        print(f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_pass:.2f} | "
+              f"{1 / per_pass:.3f} | {mix} | {acc} |")
 
 
 def main():

@@ -43,6 +43,11 @@ class SlidingKVCache:
         self.offset = 0  # absolute position of the next token
         self.stored = 0  # valid entries in the ring (the positions offset-stored .. offset-1)
 
+    def reset(self, offset: int = 0):
+        """Empty the cache; the next token is at position `offset`."""
+        self.keys = self.values = None
+        self.offset, self.stored = offset, 0
+
     def _in_place(self, n: int) -> bool:
         # The n oldest slots are not needed by any of the n new queries when n <= slack.
         return self.keys is not None and n <= self.slack and self.keys.shape[2] == self.capacity
@@ -97,7 +102,9 @@ class SlidingKVCache:
 
     def can_trim(self, n: int) -> bool:
         # the window of the next query must still be complete after the rewind
-        return 0 <= n <= self.offset and self.stored - n >= min(self.offset - n, self.window - 1)
+        if n == 0:
+            return True
+        return 0 < n <= self.offset and self.stored - n >= min(self.offset - n, self.window - 1)
 
     def trim(self, n: int) -> int:
         if not self.can_trim(n):

@@ -237,12 +237,15 @@ class Model(nn.Module):
                 f"{self.args.num_hidden_layers}+ or loaded with mtp=False)"
             )
 
-    def mtp_step(self, k: int, tokens: mx.array, h_prev: mx.array, cache=None):
-        """Block k on tokens x_{t+k} and h_{k-1,t}: returns (h_{k,t}, logits for x_{t+k+1})."""
+    def mtp_hidden(self, k: int, tokens: mx.array, h_prev: mx.array, cache=None) -> mx.array:
+        """Block k on tokens x_{t+k} and h_{k-1,t}: returns h_{k,t} (before its head norm)."""
         self._require_mtp()
-        block = self.mtp[k - 1]
-        h = block(self.model.embed_tokens(tokens), h_prev, cache)
-        return h, block.shared_head(h)
+        return self.mtp[k - 1](self.model.embed_tokens(tokens), h_prev, cache)
+
+    def mtp_step(self, k: int, tokens: mx.array, h_prev: mx.array, cache=None):
+        """As mtp_hidden, plus block k's logits for x_{t+k+1}."""
+        h = self.mtp_hidden(k, tokens, h_prev, cache)
+        return h, self.mtp[k - 1].shared_head(h)
 
     def mtp_logits(self, tokens: mx.array) -> List[mx.array]:
         """Teacher-forced MTP logits; element k-1 is [B, L-k, V], row t predicting x_{t+k+1}."""

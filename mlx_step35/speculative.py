@@ -59,24 +59,53 @@ class MTPDrafter:
         self.done = [0] * (self.K + 1)  # done[0]: trunk positions; done[k]: block k's committed
         # hidden[k]: rows of h_k at positions [done[k+1], done[k]) that block k+1 still needs
         self.hidden: List[Optional[mx.array]] = [None] * (self.K + 1)
+        self._rows = []  # trunk rows not yet joined into hidden[0]
+        windows = [getattr(c, "window", None) for c in self.cache]
+        # a block at position t depends on positions > t - k (W - 1) only, when all slide
+        self.horizon = self.K * (max(windows) - 1) + 1 if all(windows) else None
 
     def add_trunk(self, h: mx.array):
         """Trunk hidden states [1, n, H] of the next n verified positions."""
-        self.hidden[0] = _cat(self.hidden[0], h)
+        self._rows.append(h)
         self.done[0] += h.shape[1]
+        if self.horizon and self.done[0] - min(self.done[1:]) > 2 * self.horizon:
+            self._skip_ahead(self.done[0] - self.horizon)
+
+    def _trunk_rows(self):
+        if self._rows:
+            self.hidden[0] = _cat(self.hidden[0], mx.concatenate(self._rows, axis=1))
+            self._rows = []
+
+    def _skip_ahead(self, start: int):
+        """Blocks left far behind (plain decoding under --num-draft auto) restart at `start`:
+        with sliding-window blocks, no position before it can reach a later draft, so the
+        entries they hold from then on are exactly the teacher-forced ones."""
+        self._trunk_rows()
+        for k in range(1, self.K + 1):
+            if self.done[k] >= start:
+                continue
+            prev = self.hidden[k - 1]
+            if prev is None or self.done[k - 1] <= start:  # block k-1 restarted here too
+                self.hidden[k - 1] = None
+            else:
+                self.hidden[k - 1] = prev[:, start - self.done[k] :]
+            self.done[k] = start
+            self.cache[k - 1].reset(start)
+            if k == self.K:
+                self.hidden[k] = None
 
     def _run(self, k: int, toks: mx.array, h_prev: mx.array) -> mx.array:
         """Block k over len(toks) positions (tokens x_{t+k}, rows h_{k-1,t}), in chunks."""
         outs = []
         for s in range(0, toks.shape[0], self.chunk):
             e = s + self.chunk
-            h, _ = self.model.mtp_step(k, toks[None, s:e], h_prev[:, s:e], self.cache[k - 1])
-            outs.append(h)
+            outs.append(self.model.mtp_hidden(k, toks[None, s:e], h_prev[:, s:e], self.cache[k - 1]))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     def commit(self, seq: List[int], depth: Optional[int] = None):
         """Advance blocks 1..depth (default all) over the positions whose inputs are all
         verified. A block left behind catches up later in one multi-row pass."""
+        self._trunk_rows()
         for k in range(1, (depth or self.K) + 1):
             t0 = self.done[k]
             t1 = min(len(seq) - k, self.done[k - 1])
@@ -223,10 +252,12 @@ class AutoDraft:
     bytes that n drafts read over the trunk's per-token bytes. On a bandwidth-bound Mac
     a wider pass costs little and drafting wins; where passes cost per token (a CPU),
     drafting never pays and this stays with plain decoding, run `plain_run` tokens at a
-    time through the pipelined plain loop.
+    time through the pipelined plain loop (16, doubling up to 256 while plain keeps winning,
+    so the pipeline rarely restarts).
     """
 
     plain_run = 16
+    MAX_PLAIN_RUN = 256
 
     def __init__(self, max_depth: int, draft_bytes_ratio: Tuple[float, float] = (0.05, 0.05),
                  prior: float = 0.6, prior_weight: float = 2.0, ema: float = 0.3):
@@ -272,6 +303,8 @@ class AutoDraft:
 
     def update_plain(self, tokens: int, seconds: float):
         self.plain_runs += 1
+        if self.plain_runs > 2:  # past the two measuring runs
+            self.plain_run = min(2 * self.plain_run, self.MAX_PLAIN_RUN)
         if self.plain_runs > 1 or self.c1 is None:
             self._ema_c1(seconds / tokens)
 
@@ -279,6 +312,7 @@ class AutoDraft:
         self.c1 = t if self.c1 is None or self.plain_runs <= 2 else (1 - self.ema) * self.c1 + self.ema * t
 
     def update(self, n: int, n_accepted: int, seconds: float):
+        self.plain_run = type(self).plain_run
         for j in range(1, min(n, n_accepted + 1) + 1):
             self.tries[j] += 1
             self.hits[j] += j <= n_accepted

@@ -86,6 +86,7 @@ def test_auto_switching_depths_and_plain_runs_is_lossless(which, request, monkey
     script = iter([0, 3, 1, 0, 2, 3, 1, 1, 0, 3, 2] * 20)
     monkeypatch.setattr(AutoDraft, "choose", lambda self: next(script))
     monkeypatch.setattr(AutoDraft, "plain_run", 5)
+    monkeypatch.setattr(AutoDraft, "MAX_PLAIN_RUN", 5)
     stats = SpecStats()
     plain = tokens_of(model, PROMPT, max_tokens=GEN)
     assert tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats) == plain
@@ -109,8 +110,9 @@ def test_auto_drafts_when_wider_passes_are_cheap(mixed_model, monkeypatch):
     assert stats.verify_steps > 5 and stats.drafted[0] > 5
 
 
-def test_drafts_match_teacher_forced_mtp(mixed_model, random_model, monkeypatch):
-    """Every draft equals the argmax of mtp_logits on (verified tokens + earlier drafts)."""
+def drafts_vs_teacher_forced(model, monkeypatch, **kw):
+    """Run a generation; check every draft equals the argmax of mtp_logits computed on
+    (verified tokens + the earlier drafts of that step). Returns the number of steps."""
     calls = []
     original = MTPDrafter.draft
 
@@ -120,16 +122,40 @@ def test_drafts_match_teacher_forced_mtp(mixed_model, random_model, monkeypatch)
         return drafts, dists
 
     monkeypatch.setattr(MTPDrafter, "draft", spy)
-    for model in (mixed_model, random_model):
-        calls.clear()
-        tokens_of(model, PROMPT, max_tokens=30, draft_mtp=True, num_draft=3)
-        assert len(calls) > 5
-        for seq, drafts in calls:
-            P = len(seq) - 1
-            full = mx.array([seq + drafts[:-1]])
-            mtp = model.mtp_logits(full)
-            for k, d in enumerate(drafts, start=1):
-                assert int(mtp[k - 1][0, P - 1].argmax().item()) == d, (P, k)
+    out = tokens_of(model, PROMPT, draft_mtp=True, **kw)
+    for seq, drafts in calls:
+        P = len(seq) - 1
+        mtp = model.mtp_logits(mx.array([seq + drafts[:-1]]))
+        for k, d in enumerate(drafts, start=1):
+            assert int(mtp[k - 1][0, P - 1].argmax().item()) == d, (P, k)
+    return out, len(calls)
+
+
+@pytest.mark.parametrize("which", ["random_model", "mixed_model"])
+def test_drafts_match_teacher_forced_mtp(which, request, monkeypatch):
+    _, steps = drafts_vs_teacher_forced(request.getfixturevalue(which), monkeypatch,
+                                        max_tokens=30, num_draft=3)
+    assert steps > 5
+
+
+@pytest.mark.parametrize("which", ["random_model", "mixed_model"])
+def test_drafts_exact_after_long_plain_stretches(which, request, monkeypatch):
+    """Auto decoding plainly for long stretches lets the MTP blocks skip ahead (only the
+    last K * (window - 1) positions can reach a draft): drafts stay teacher-forced exact."""
+    from mlx_step35.speculative import AutoDraft
+
+    # one plain token per choice, so that drafts come right after a skip (the tight case)
+    script = iter(([3] + [0] * 25 + [2] + [0] * 44 + [3] + [0] * 47 + [3, 1] + [0] * 60) * 3)
+    monkeypatch.setattr(AutoDraft, "choose", lambda self: next(script))
+    monkeypatch.setattr(AutoDraft, "plain_run", 1)
+    monkeypatch.setattr(AutoDraft, "MAX_PLAIN_RUN", 1)
+    skips = []
+    original = MTPDrafter._skip_ahead
+    monkeypatch.setattr(MTPDrafter, "_skip_ahead", lambda self, start: (skips.append(start), original(self, start)))
+    model = request.getfixturevalue(which)
+    out, steps = drafts_vs_teacher_forced(model, monkeypatch, max_tokens=280)
+    assert len(skips) >= 2 and steps > 5
+    assert out == tokens_of(model, PROMPT, max_tokens=280)
 
 
 def test_eos_inside_accepted_draft_stops_there(perfect_model):
@@ -255,3 +281,27 @@ def test_greedy_identical_with_repetition_penalty(which, request):
     assert plain != tokens_of(model, PROMPT, max_tokens=GEN)  # the penalty matters here
     spec = tokens_of(model, PROMPT, max_tokens=GEN, logits_processors=procs, draft_mtp=True)
     assert spec == plain
+
+
+def test_skip_ahead_is_exact_at_its_horizon(random_model, monkeypatch):
+    """A drafter handed a long backlog restarts its blocks K * (window - 1) + 1 positions
+    back (the trigger is a backlog of twice that); a draft right at that horizon has block
+    logits equal to the teacher-forced ones, which a shorter restart would not give."""
+    from mlx_step35.model import SharedHead
+
+    model = random_model
+    seq = PROMPT + [int(t) for t in np.random.default_rng(3).integers(3, 500, 60)]
+    P = len(seq) - 1
+    drafter = MTPDrafter(model, slack=4)
+    assert drafter.horizon == 3 * (8 - 1) + 1 and P > 2 * drafter.horizon
+    drafter.add_trunk(model.hidden(mx.array([seq[:-1]])))  # backlog P: skips to P - horizon
+    assert drafter.done[1:] == [P - drafter.horizon] * 3
+    seen = []
+    original = SharedHead.__call__
+    monkeypatch.setattr(SharedHead, "__call__", lambda self, h: seen.append(original(self, h)) or seen[-1])
+    drafts, _ = drafter.draft(seq, 3, make_sampler())
+    mtp = model.mtp_logits(mx.array([seq + drafts.tolist()[:-1]]))
+    for k in range(3):
+        ref = mtp[k][0, P - 1]
+        got = seen[k].reshape(-1)
+        assert mx.abs(got - ref).max().item() < 1e-4 * (ref.max() - ref.min()).item(), k
