@@ -102,12 +102,18 @@ def _stream():
 
 
 def _prefill(model, tokens, cache, drafter, step):
-    """Run the prompt through the trunk in chunks; returns the last chunk's hidden states."""
+    """Run the prompt through the trunk in chunks; returns the last token's hidden states.
+    Without a drafter only the KV caches of all but the last token are needed, so only
+    they are evaluated (as mlx-lm does); the MTP blocks need every position's hidden state."""
+    if drafter is None:
+        for s in range(0, len(tokens) - 1, step):
+            model.hidden(mx.array([tokens[s : min(s + step, len(tokens) - 1)]]), cache)
+            mx.eval([(c.keys, c.values) for c in cache])
+        return model.hidden(mx.array([tokens[-1:]]), cache)
     for s in range(0, len(tokens), step):
         h = model.hidden(mx.array([tokens[s : s + step]]), cache)
-        if drafter:
-            drafter.add_trunk(h)
-            drafter.commit(tokens)
+        drafter.add_trunk(h)
+        drafter.commit(tokens)
         mx.eval(h)
     return h
 
