@@ -104,11 +104,12 @@ def main():
     acc = [float(x) for x in a.acceptance.split(",")]
     c = components()
     overlap, dE, dk = demo_overlap()
-    kv = c["kv_full_per_token"] * a.context + c["kv_sliding"] * (a.context > 0)
+    def kv_bytes(context):
+        return c["kv_full_per_token"] * context + c["kv_sliding"] * min(1.0, context / 512)
 
-    def verify_bytes(m, corr):
+    def verify_bytes(m, corr, context=a.context):
         extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
-        return c["dense"] + c["lm_head"] + kv + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+        return c["dense"] + c["lm_head"] + kv_bytes(context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
 
     def draft_bytes(n):
         return 0 if n == 0 else (2 * n - 1) * c["mtp_body"] + n * c["mtp_head"]
@@ -119,10 +120,10 @@ def main():
           f"MTP block body {c['mtp_body'] / G:.2f} GB + head {c['mtp_head'] / G:.2f} GB; context {a.context}")
     print(f"Demo model ({dE} experts, top-{dk}): distinct experts of m consecutive tokens beyond the first "
           "token's, relative to independent routing: " + ", ".join(f"m={m}: {v:.2f}" for m, v in overlap.items()))
-    plain = verify_bytes(1, False)
-    eff = LLAMA_CPP_M4_MAX * plain / MACS["M4 Max (546 GB/s)"]
-    print(f"Bytes per token, plain decoding: {plain / G:.2f} GB; implied efficiency from llama.cpp's "
-          f"{LLAMA_CPP_M4_MAX:.0f} tok/s on M4 Max: {eff:.0%} of peak bandwidth")
+    eff = LLAMA_CPP_M4_MAX * verify_bytes(1, False, 0) / MACS["M4 Max (546 GB/s)"]
+    print(f"Bytes per token, plain decoding: {verify_bytes(1, False) / G:.2f} GB at this context, "
+          f"{verify_bytes(1, False, 0) / G:.2f} GB at empty context; efficiency implied by llama.cpp's "
+          f"{LLAMA_CPP_M4_MAX:.0f} tok/s on M4 Max at empty context: {eff:.0%} of peak bandwidth")
     print(f"\nAcceptance assumed per depth: {acc}\n")
     header = "| depth | tokens/step | verify GB (indep. / corr.) | GB per token (indep. / corr.) | " + " | ".join(MACS) + " |"
     print(header)

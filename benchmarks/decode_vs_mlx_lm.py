@@ -2,7 +2,7 @@
 on identical weights (our 4-bit conversion loads in both). Runs are interleaved
 (A B B A ...) and medians reported, so the ratio holds on a noisy machine.
 
-    python benchmarks/decode_vs_mlx_lm.py [--rounds 7] [--prompt-tokens 256] [--gen-tokens 64]
+    python benchmarks/decode_vs_mlx_lm.py [--rounds 7] [--prompt-tokens 256] [--gen-tokens 64] [--models demo,large]
 """
 
 import argparse
@@ -59,10 +59,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--models", default="demo,large", help="comma-separated: demo, large")
     a = ap.parse_args()
     print(f"| model | impl | prefill tok/s | decode tok/s | ratio prefill | ratio decode |")
     print("|---|---|---|---|---|---|")
-    for label, path in (("demo (bundled)", demo_model()), ("random 8L h512 E32 4-bit", large_checkpoint())):
+    models = {"demo": ("demo (bundled)", demo_model), "large": ("random 8L h512 E32 4-bit", large_checkpoint)}
+    for key in a.models.split(","):
+        label, path = models[key][0], models[key][1]()
         r = bench(path, a.rounds, a.prompt_tokens, a.gen_tokens)
         (po, do), (pl, dl) = r["mlx_step35"], r["mlx-lm"]
         print(f"| {label} | mlx_step35 | {po:.1f} | {do:.1f} | {po / pl:.3f} | {do / dl:.3f} |")

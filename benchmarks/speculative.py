@@ -5,7 +5,7 @@ per depth, trunk forward passes per generated token, and decode speed relative t
 decoding. Every (prompt, round) runs all modes back to back in rotating order; the
 speed ratio is taken within that group, then the median over groups is reported.
 
-    python benchmarks/speculative.py [--rounds 3] [--gen-tokens 128] [--model PATH]
+    python benchmarks/speculative.py [--rounds 3] [--gen-tokens 128] [--model PATH] [--modes plain,1,2,3,auto]
 """
 
 import argparse
@@ -19,7 +19,8 @@ from mlx_step35 import load, make_sampler
 from mlx_step35.generation import build_prompt, generate_step
 from mlx_step35.speculative import SpecStats
 
-MODES = [("plain", None), ("1", 1), ("2", 2), ("3", 3), ("auto", "auto")]
+ALL_MODES = [("plain", None), ("1", 1), ("2", 2), ("3", 3), ("auto", "auto")]
+MODES = ALL_MODES
 
 
 def one(model, prompt, n_gen, sampler, num_draft, seed):
@@ -78,7 +79,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--model", default=None, help="default: the bundled demo model")
+    ap.add_argument("--modes", default="plain,1,2,3,auto", help="comma-separated subset (plain is always run)")
     a = ap.parse_args()
+    global MODES
+    wanted = set(a.modes.split(",")) | {"plain"}
+    MODES = [m for m in ALL_MODES if m[0] in wanted]
     model, tokenizer = load(a.model or demo_model())
     print(f"model: {a.model or 'bundled demo'}; {len(PROMPTS)} prompts x {a.rounds} rounds, "
           f"{a.gen_tokens} tokens each")

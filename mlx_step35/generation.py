@@ -154,10 +154,11 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
         n = min(policy.choose(), max_new - n_out - 1)
         if n == 0 and policy.plain_run:  # a stretch of pipelined plain decoding
             run = min(policy.plain_run, max_new - n_out)
-            yield from _plain_run(model, tokens, cache, sampler, processors, run, drafter)
-            n_out += run
+            for item in _plain_run(model, tokens, cache, sampler, processors, run, drafter):
+                stats.plain_tokens += 1
+                n_out += 1
+                yield item
             policy.update_plain(run, time.perf_counter() - tic)
-            stats.plain_tokens += run
             continue
         drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (
             mx.array([], dtype=mx.int32), [])

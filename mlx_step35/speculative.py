@@ -296,6 +296,8 @@ class AutoDraft:
         if self.c1 is None or self.plain_runs < 2:
             return 0  # measure plain decoding first (the first run also warms up)
         rates = [self.expected_tokens(n) / self.cost(n) for n in range(self.K + 1)]
+        if all((n + 1) / self.cost(n) <= rates[0] for n in range(1, self.K + 1)):
+            self.plain_run = self.MAX_PLAIN_RUN  # even all-accepted drafts would not pay
         return max(range(self.K + 1), key=rates.__getitem__)
 
     def observe_prefill(self, tokens: int, seconds: float):

@@ -112,10 +112,7 @@ def encode_stream(tok, docs):
 
 def write_tokenizer_files(tok, out_dir, eos_ids, max_len):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    chat_template = (
-        "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-        "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    # A base model trained on plain code: no chat template, so prompts are fed as they are.
     added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True} for i, s in enumerate(SPECIAL_TOKENS)}
     tcfg = {
@@ -123,7 +120,7 @@ def write_tokenizer_files(tok, out_dir, eos_ids, max_len):
         "bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": None, "add_bos_token": True, "add_eos_token": False,
         "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": added, "chat_template": chat_template,
+        "added_tokens_decoder": added,
     }
     json.dump(tcfg, open(os.path.join(out_dir, "tokenizer_config.json"), "w"), indent=2)
     stm = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
