@@ -20,26 +20,58 @@ def main(argv=None):
         "--mlx-path ~/models/Step-3.5-Flash-4bit -q",
     )
     p.add_argument("--hf-path", required=True, help="original checkpoint directory (or cached HF repo id)")
-    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model); "
-                   "with --mtp-only, the existing MLX conversion to add the MTP blocks to")
-    p.add_argument("-q", "--quantize", action="store_true",
-                   help=f"quantize: routed experts, attention and MLPs to --q-bits, router {R.router_bits}-bit, "
-                   f"embedding/lm_head/MTP heads {R.vocab_bits}-bit; norms and router bias stay unquantized")
-    p.add_argument("--q-bits", type=int, default=R.bits, choices=[2, 3, 4, 5, 6, 8],
-                   help=f"bits for the bulk of the weights (default {R.bits})")
-    p.add_argument("--q-group-size", type=int, default=R.group_size, choices=[32, 64, 128],
-                   help=f"quantization group size (default {R.group_size})")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of unquantized weights (default bfloat16)")
-    p.add_argument("--mtp-only", action="store_true",
-                   help="graft the MTP blocks of --hf-path onto the MLX conversion at --mlx-path "
-                   "(e.g. a community 4-bit Step-3.5 repo), reading only the shards that hold them")
+    p.add_argument(
+        "--mlx-path",
+        default="mlx_model",
+        help="output directory (default: mlx_model); "
+        "with --mtp-only, the existing MLX conversion to add the MTP blocks to",
+    )
+    p.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help=f"quantize: routed experts, attention and MLPs to --q-bits, router {R.router_bits}-bit, "
+        f"embedding/lm_head/MTP heads {R.vocab_bits}-bit; norms and router bias stay unquantized",
+    )
+    p.add_argument(
+        "--q-bits",
+        type=int,
+        default=R.bits,
+        choices=[2, 3, 4, 5, 6, 8],
+        help=f"bits for the bulk of the weights (default {R.bits})",
+    )
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        default=R.group_size,
+        choices=[32, 64, 128],
+        help=f"quantization group size (default {R.group_size})",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of unquantized weights (default bfloat16)",
+    )
+    p.add_argument(
+        "--mtp-only",
+        action="store_true",
+        help="graft the MTP blocks of --hf-path onto the MLX conversion at --mlx-path "
+        "(e.g. a community 4-bit Step-3.5 repo), reading only the shards that hold them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     with user_errors(p.prog):
-        out = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits,
-                      q_group_size=a.q_group_size, dtype=a.dtype, mtp_only=a.mtp_only,
-                      progress=not a.quiet and sys.stderr.isatty())  # no bar in logs/pipes
+        out = convert(
+            a.hf_path,
+            a.mlx_path,
+            quantize=a.quantize,
+            q_bits=a.q_bits,
+            q_group_size=a.q_group_size,
+            dtype=a.dtype,
+            mtp_only=a.mtp_only,
+            progress=not a.quiet and sys.stderr.isatty(),
+        )  # no bar in logs/pipes
         print(f"wrote {out}")
 
 

@@ -15,9 +15,8 @@ import argparse
 import sys
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
-
 from common import ROOT, demo_model
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from model_size import lazy_model  # noqa: E402
@@ -53,7 +52,9 @@ def components():
     c["mtp_head"] /= a.num_nextn_predict_layers
     full = sum(1 for i in range(a.num_hidden_layers) if not a.is_sliding(i))
     c["kv_full_per_token"] = full * 2 * a.num_attention_groups * a.head_dim * 2
-    c["kv_sliding"] = (a.num_hidden_layers - full) * 2 * a.num_attention_groups * a.head_dim * 2 * a.sliding_window
+    c["kv_sliding"] = (
+        (a.num_hidden_layers - full) * 2 * a.num_attention_groups * a.head_dim * 2 * a.sliding_window
+    )
     return c
 
 
@@ -97,35 +98,52 @@ def demo_overlap(max_m=4):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--acceptance", default="0.9,0.8,0.7",
-                    help="conditional acceptance at depths 1,2,3 (default: assumed 0.9,0.8,0.7)")
+    ap.add_argument(
+        "--acceptance",
+        default="0.9,0.8,0.7",
+        help="conditional acceptance at depths 1,2,3 (default: assumed 0.9,0.8,0.7)",
+    )
     ap.add_argument("--context", type=int, default=0, help="tokens of context already in the KV cache")
     a = ap.parse_args()
     acc = [float(x) for x in a.acceptance.split(",")]
     c = components()
     overlap, dE, dk = demo_overlap()
+
     def kv_bytes(context):
         return c["kv_full_per_token"] * context + c["kv_sliding"] * min(1.0, context / 512)
 
     def verify_bytes(m, corr, context=a.context):
         extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
-        return c["dense"] + c["lm_head"] + kv_bytes(context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+        return (
+            c["dense"] + c["lm_head"] + kv_bytes(context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+        )
 
     def draft_bytes(n):
         return 0 if n == 0 else (2 * n - 1) * c["mtp_body"] + n * c["mtp_head"]
 
     G = 1e9
-    print(f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
-          f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "
-          f"MTP block body {c['mtp_body'] / G:.2f} GB + head {c['mtp_head'] / G:.2f} GB; context {a.context}")
-    print(f"Demo model ({dE} experts, top-{dk}): distinct experts of m consecutive tokens beyond the first "
-          "token's, relative to independent routing: " + ", ".join(f"m={m}: {v:.2f}" for m, v in overlap.items()))
+    print(
+        f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
+        f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "
+        f"MTP block body {c['mtp_body'] / G:.2f} GB + head {c['mtp_head'] / G:.2f} GB; context {a.context}"
+    )
+    print(
+        f"Demo model ({dE} experts, top-{dk}): distinct experts of m consecutive tokens beyond the first "
+        "token's, relative to independent routing: "
+        + ", ".join(f"m={m}: {v:.2f}" for m, v in overlap.items())
+    )
     eff = LLAMA_CPP_M4_MAX * verify_bytes(1, False, 0) / MACS["M4 Max (546 GB/s)"]
-    print(f"Bytes per token, plain decoding: {verify_bytes(1, False) / G:.2f} GB at this context, "
-          f"{verify_bytes(1, False, 0) / G:.2f} GB at empty context; efficiency implied by llama.cpp's "
-          f"{LLAMA_CPP_M4_MAX:.0f} tok/s on M4 Max at empty context: {eff:.0%} of peak bandwidth")
+    print(
+        f"Bytes per token, plain decoding: {verify_bytes(1, False) / G:.2f} GB at this context, "
+        f"{verify_bytes(1, False, 0) / G:.2f} GB at empty context; efficiency implied by llama.cpp's "
+        f"{LLAMA_CPP_M4_MAX:.0f} tok/s on M4 Max at empty context: {eff:.0%} of peak bandwidth"
+    )
     print(f"\nAcceptance assumed per depth: {acc}\n")
-    header = "| depth | tokens/step | verify GB (indep. / corr.) | GB per token (indep. / corr.) | " + " | ".join(MACS) + " |"
+    header = (
+        "| depth | tokens/step | verify GB (indep. / corr.) | GB per token (indep. / corr.) | "
+        + " | ".join(MACS)
+        + " |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for n in range(0, 4):

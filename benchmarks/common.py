@@ -12,18 +12,26 @@ BUILD = ROOT / "build" / "bench"
 
 # A larger random checkpoint than the tests use: 8 layers, hidden 512, 32 experts.
 LARGE = dict(
-    hidden_size=512, head_dim=64, num_hidden_layers=8, vocab_size=4096,
-    num_attention_heads=8, num_attention_groups=2,
+    hidden_size=512,
+    head_dim=64,
+    num_hidden_layers=8,
+    vocab_size=4096,
+    num_attention_heads=8,
+    num_attention_groups=2,
     attention_other_setting={"num_attention_heads": 12, "num_attention_groups": 2, "head_dim": 64},
-    intermediate_size=1536, moe_intermediate_size=256, share_expert_dim=256,
-    moe_num_experts=32, moe_top_k=4, sliding_window=64,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    share_expert_dim=256,
+    moe_num_experts=32,
+    moe_top_k=4,
+    sliding_window=64,
 )
 
 PROMPTS = [
     "def fibonacci(n):",
     "import os\nimport sys\n\n\ndef main(argv):",
-    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):",
-    "def read_config(path):\n    \"\"\"Read a JSON config file and return a dict.\"\"\"",
+    'class Stack:\n    """A last-in first-out stack."""\n\n    def __init__(self):',
+    'def read_config(path):\n    """Read a JSON config file and return a dict."""',
     "    def __repr__(self):",
     "for i, line in enumerate(lines):",
 ]

@@ -10,10 +10,9 @@ import time
 
 import mlx.core as mx
 import mlx_lm
+from common import demo_model, large_checkpoint, median
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
-
-from common import demo_model, large_checkpoint, median
 
 from mlx_step35 import load
 from mlx_step35.generation import generate_step
@@ -61,7 +60,7 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--models", default="demo,large", help="comma-separated: demo, large")
     a = ap.parse_args()
-    print(f"| model | impl | prefill tok/s | decode tok/s | ratio prefill | ratio decode |")
+    print("| model | impl | prefill tok/s | decode tok/s | ratio prefill | ratio decode |")
     print("|---|---|---|---|---|---|")
     models = {"demo": ("demo (bundled)", demo_model), "large": ("random 8L h512 E32 4-bit", large_checkpoint)}
     for key in a.models.split(","):

@@ -29,9 +29,16 @@ BUILD = ROOT / "build" / "memory"
 MB = 1 << 20
 
 BASE = dict(
-    hidden_size=512, head_dim=64, vocab_size=4096, num_attention_heads=8, num_attention_groups=2,
+    hidden_size=512,
+    head_dim=64,
+    vocab_size=4096,
+    num_attention_heads=8,
+    num_attention_groups=2,
     attention_other_setting={"num_attention_heads": 12, "num_attention_groups": 2, "head_dim": 64},
-    intermediate_size=1536, moe_intermediate_size=512, share_expert_dim=512, moe_top_k=4,
+    intermediate_size=1536,
+    moe_intermediate_size=512,
+    share_expert_dim=512,
+    moe_top_k=4,
     sliding_window=64,
 )
 CHECKPOINTS = {  # name -> (overrides, input shards)
@@ -83,8 +90,13 @@ def measure(mode, src="", dst="", shard=0, repeats=3) -> dict:
 def _measure_once(mode, src, dst, shard) -> dict:
     if dst:
         shutil.rmtree(dst, ignore_errors=True)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(shard)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, str(src), str(dst), str(shard)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     peak_anon = 0
 
     def poll():
@@ -111,8 +123,10 @@ def checkpoint(name) -> Path:
     if not (path / "config.json").exists():  # built in a subprocess: this one stays small
         shutil.rmtree(path, ignore_errors=True)
         overrides, shards = CHECKPOINTS[name]
-        code = ("import sys, json; sys.path.insert(0, 'tests'); from factory import make_checkpoint; "
-                f"make_checkpoint({str(path)!r}, num_shards={shards}, **json.loads(sys.argv[1]))")
+        code = (
+            "import sys, json; sys.path.insert(0, 'tests'); from factory import make_checkpoint; "
+            f"make_checkpoint({str(path)!r}, num_shards={shards}, **json.loads(sys.argv[1]))"
+        )
         subprocess.run([sys.executable, "-c", code, json.dumps({**BASE, **overrides})], cwd=ROOT, check=True)
     return path
 
@@ -133,8 +147,10 @@ def main():
     a = p.parse_args()
     BUILD.mkdir(parents=True, exist_ok=True)
     base = measure("baseline")
-    print(f"baseline (python + import mlx_step35): peak RSS {base['maxrss'] / MB:.0f} MB, "
-          f"RssAnon {base['peak_anon'] / MB:.0f} MB")
+    print(
+        f"baseline (python + import mlx_step35): peak RSS {base['maxrss'] / MB:.0f} MB, "
+        f"RssAnon {base['peak_anon'] / MB:.0f} MB"
+    )
     rows = []
     for name in a.only:
         src = checkpoint(name)
@@ -149,21 +165,50 @@ def main():
         shutil.rmtree(out)
 
     print(f"\nconvert -q (max_shard_bytes {a.max_shard_mb} MiB) and load(quantize=True), MB = MiB")
-    head = ("ckpt", "input", "largest tensor", "largest in-shard", "output", "out shards",
-            "convert RSS", "- base", "anon - base", "mlx peak", "load RSS", "- base", "anon - base",
-            "mlx peak", "model")
+    head = (
+        "ckpt",
+        "input",
+        "largest tensor",
+        "largest in-shard",
+        "output",
+        "out shards",
+        "convert RSS",
+        "- base",
+        "anon - base",
+        "mlx peak",
+        "load RSS",
+        "- base",
+        "anon - base",
+        "mlx peak",
+        "model",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, total, largest, largest_file, out_total, n_out, out_shard, conv, load in rows:
-        cells = [name, total, largest, largest_file, out_total, f"{n_out} (max {out_shard / MB:.0f})",
-                 conv["maxrss"], conv["maxrss"] - base["maxrss"], conv["peak_anon"] - base["peak_anon"],
-                 conv["mlx_peak"], load["maxrss"], load["maxrss"] - base["maxrss"],
-                 load["peak_anon"] - base["peak_anon"], load["mlx_peak"], load["model_bytes"]]
+        cells = [
+            name,
+            total,
+            largest,
+            largest_file,
+            out_total,
+            f"{n_out} (max {out_shard / MB:.0f})",
+            conv["maxrss"],
+            conv["maxrss"] - base["maxrss"],
+            conv["peak_anon"] - base["peak_anon"],
+            conv["mlx_peak"],
+            load["maxrss"],
+            load["maxrss"] - base["maxrss"],
+            load["peak_anon"] - base["peak_anon"],
+            load["mlx_peak"],
+            load["model_bytes"],
+        ]
         print("| " + " | ".join(c if isinstance(c, str) else f"{c / MB:.0f}" for c in cells) + " |")
     spread = [max(r[7]["range"][1] - r[7]["range"][0], r[8]["range"][1] - r[8]["range"][0]) for r in rows]
     print(f"\nmedian of 3 runs each; peak RSS spread between runs <= {max(spread) / MB:.0f} MB")
-    print("seconds: " + ", ".join(f"{r[0]} convert {r[7]['seconds']:.1f} / load {r[8]['seconds']:.1f}"
-                                      for r in rows))
+    print(
+        "seconds: "
+        + ", ".join(f"{r[0]} convert {r[7]['seconds']:.1f} / load {r[8]['seconds']:.1f}" for r in rows)
+    )
 
 
 if __name__ == "__main__":

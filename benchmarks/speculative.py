@@ -12,7 +12,6 @@ import argparse
 import time
 
 import mlx.core as mx
-
 from common import PROMPTS, demo_model, median
 
 from mlx_step35 import load, make_sampler
@@ -61,8 +60,10 @@ def bench(model, tokenizer, sampler, rounds, n_gen):
 
 def table(label, speed, ratio, agg, tokens):
     print(f"\n{label}\n")
-    print("| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per trunk pass | "
-          "trunk passes per token | steps drafting / plain | acceptance by depth |")
+    print(
+        "| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per trunk pass | "
+        "trunk passes per token | steps drafting / plain | acceptance by depth |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, _ in MODES:
         a = agg[name]
@@ -70,8 +71,10 @@ def table(label, speed, ratio, agg, tokens):
         per_pass = tokens[name] / passes
         acc = ", ".join(f"{x:.0%}" for x in a.acceptance) or "-"
         mix = f"{a.verify_steps} / {a.plain_tokens if name != 'plain' else passes}"
-        print(f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_pass:.2f} | "
-              f"{1 / per_pass:.3f} | {mix} | {acc} |")
+        print(
+            f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_pass:.2f} | "
+            f"{1 / per_pass:.3f} | {mix} | {acc} |"
+        )
 
 
 def main():
@@ -79,15 +82,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--model", default=None, help="default: the bundled demo model")
-    ap.add_argument("--modes", default="plain,1,2,3,auto", help="comma-separated subset (plain is always run)")
+    ap.add_argument(
+        "--modes", default="plain,1,2,3,auto", help="comma-separated subset (plain is always run)"
+    )
     a = ap.parse_args()
     global MODES
     wanted = set(a.modes.split(",")) | {"plain"}
     MODES = [m for m in ALL_MODES if m[0] in wanted]
     model, tokenizer = load(a.model or demo_model())
-    print(f"model: {a.model or 'bundled demo'}; {len(PROMPTS)} prompts x {a.rounds} rounds, "
-          f"{a.gen_tokens} tokens each")
-    for label, sampler in (("greedy", make_sampler()), ("sampled (temp 0.7, top-p 0.95)", make_sampler(0.7, 0.95))):
+    print(
+        f"model: {a.model or 'bundled demo'}; {len(PROMPTS)} prompts x {a.rounds} rounds, "
+        f"{a.gen_tokens} tokens each"
+    )
+    for label, sampler in (
+        ("greedy", make_sampler()),
+        ("sampled (temp 0.7, top-p 0.95)", make_sampler(0.7, 0.95)),
+    ):
         table(label, *bench(model, tokenizer, sampler, a.rounds, a.gen_tokens))
 
 

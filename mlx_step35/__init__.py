@@ -1,7 +1,7 @@
 """Step-3.5/3.7-Flash with its MTP blocks on MLX."""
 
-from .conversion import convert
 from .config import ConfigError, ModelArgs
+from .conversion import convert
 from .generation import GenerationResponse, generate, generate_step, stream_generate
 from .loading import load
 from .model import Model
@@ -17,4 +17,10 @@ __all__ = [
     "generate_step",
     "GenerationResponse",
     "make_sampler",
-    "make_logits_processors", "Model", "ModelArgs", "QuantRecipe", "ConfigError", "CheckpointError"]
+    "make_logits_processors",
+    "Model",
+    "ModelArgs",
+    "QuantRecipe",
+    "ConfigError",
+    "CheckpointError",
+]

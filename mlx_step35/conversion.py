@@ -9,16 +9,37 @@ from typing import Callable, Dict, Optional, Union
 import mlx.core as mx
 from tqdm import tqdm
 
-from .config import FORMAT_KEY, FORMAT_VERSION, ConfigError, load_config, parse_config, text_config
+from .config import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    ConfigError,
+    load_config,
+    parse_config,
+    text_config,
+)
 from .loading import build, make_recipe, parse_dtype, resolve_path
 from .safetensors_io import CheckpointError
 from .weights import QuantRecipe, checkpoint_keys, stream, to_internal, to_storage
 
 MAX_SHARD_BYTES = 5 << 30
-PER_LAYER_FIELDS = ("layer_types", "partial_rotary_factors", "rope_theta", "swiglu_limits",
-                    "swiglu_limits_shared")
-TOKENIZER_FILES = ("*.jinja", "tokenizer*", "special_tokens_map.json", "generation_config.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken", "chat_template*")
+PER_LAYER_FIELDS = (
+    "layer_types",
+    "partial_rotary_factors",
+    "rope_theta",
+    "swiglu_limits",
+    "swiglu_limits_shared",
+)
+TOKENIZER_FILES = (
+    "*.jinja",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template*",
+)
 
 
 class ShardWriter:
@@ -52,7 +73,11 @@ class ShardWriter:
         n = len(self.files)
         weight_map = {}
         for i, (tmp, keys) in enumerate(self.files):
-            final = f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 or self.prefix != "model" else "model.safetensors"
+            final = (
+                f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+                if n > 1 or self.prefix != "model"
+                else "model.safetensors"
+            )
             os.replace(self.folder / tmp, self.folder / final)
             weight_map.update({k: final for k in keys})
         return weight_map
@@ -108,8 +133,9 @@ def convert(
     """
     src = resolve_path(hf_path)
     if mtp_only:
-        return graft_mtp(src, Path(mlx_path), q_bits=q_bits, q_group_size=q_group_size,
-                         dtype=dtype, progress=progress)
+        return graft_mtp(
+            src, Path(mlx_path), q_bits=q_bits, q_group_size=q_group_size, dtype=dtype, progress=progress
+        )
     out = Path(mlx_path).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists; remove it or choose another --mlx-path")
@@ -121,8 +147,9 @@ def convert(
         shutil.rmtree(tmp)  # left over from an interrupted run
     tmp.mkdir(parents=True)
     try:
-        _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes,
-                          progress, on_tensor)
+        _write_conversion(
+            src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes, progress, on_tensor
+        )
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no partial shards behind
@@ -130,8 +157,9 @@ def convert(
     return out
 
 
-def _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes,
-                      progress, on_tensor):
+def _write_conversion(
+    src, tmp, model, args, config, keys, plan, recipe, dt, max_shard_bytes, progress, on_tensor
+):
     writer = ShardWriter(tmp, max_shard_bytes)
     seen = set()
     total = sum(os.path.getsize(f) for f in set(keys.values()))
@@ -147,8 +175,10 @@ def _write_conversion(src, tmp, model, args, config, keys, plan, recipe, dt, max
     if missing:
         raise CheckpointError(f"{src}: missing tensor(s) {', '.join(missing[:5])}")
     weight_map = writer.finish()
-    _write_json(tmp / "model.safetensors.index.json",
-                {"metadata": {"total_size": writer.total}, "weight_map": weight_map})
+    _write_json(
+        tmp / "model.safetensors.index.json",
+        {"metadata": {"total_size": writer.total}, "weight_map": weight_map},
+    )
     cfg = _output_config(config, args, plan.quantization_config(recipe), dt, len(model.mtp))
     _write_json(tmp / "config.json", cfg)
     _copy_tokenizer(src, tmp)
@@ -161,7 +191,9 @@ def _copy_tokenizer(src: Path, dst: Path):
                 shutil.copy2(f, dst / f.name)
 
 
-def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bfloat16", progress=False) -> Path:
+def graft_mtp(
+    src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bfloat16", progress=False
+) -> Path:
     """Add the MTP layers of HF checkpoint `src` to MLX conversion `target` (in place, atomically)."""
     target = resolve_path(target)
     tcfg = load_config(target)
@@ -170,17 +202,26 @@ def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bflo
     if any(to_internal(k, targs, False).startswith("mtp.") for k in tkeys if to_internal(k, targs, False)):
         raise ValueError(f"{target}: already has MTP weights; nothing to graft")
     tq = tcfg.get("quantization") or {}
-    recipe = QuantRecipe(bits=tq.get("bits", q_bits), group_size=tq.get("group_size", q_group_size)) if tq else None
+    recipe = (
+        QuantRecipe(bits=tq.get("bits", q_bits), group_size=tq.get("group_size", q_group_size))
+        if tq
+        else None
+    )
     model, args, config, keys, plan = build(src, recipe=recipe, dtype=parse_dtype(dtype), mtp=True)
     if not model.mtp:
         raise CheckpointError(f"{src}: has no MTP layers (model.layers.{args.num_hidden_layers}+) to graft")
     for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if getattr(args, field) != getattr(targs, field):
-            raise ConfigError(f"{target}: {field} differs from {src} ({getattr(targs, field)} vs {getattr(args, field)})")
+            raise ConfigError(
+                f"{target}: {field} differs from {src} ({getattr(targs, field)} vs {getattr(args, field)})"
+            )
     writer = _write_mtp_shards(src, target, args, keys, plan, progress)
     index_path = target / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {
-        "metadata": {}, "weight_map": {k: Path(f).name for k, f in tkeys.items()}}
+    index = (
+        json.loads(index_path.read_text())
+        if index_path.exists()
+        else {"metadata": {}, "weight_map": {k: Path(f).name for k, f in tkeys.items()}}
+    )
     for i, (tmp, names) in enumerate(writer.files):
         final = f"model-mtp-{i + 1:05d}.safetensors"
         os.replace(target / tmp, target / final)
@@ -188,8 +229,14 @@ def graft_mtp(src: Path, target: Path, *, q_bits=4, q_group_size=64, dtype="bflo
     index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + writer.total
     new_cfg = dict(tcfg)
     text = text_config(config)
-    for key in ("num_nextn_predict_layers", "layer_types", "partial_rotary_factors", "rope_theta",
-                "swiglu_limits", "swiglu_limits_shared"):
+    for key in (
+        "num_nextn_predict_layers",
+        "layer_types",
+        "partial_rotary_factors",
+        "rope_theta",
+        "swiglu_limits",
+        "swiglu_limits_shared",
+    ):
         if key in text:
             new_cfg[key] = text[key]
     quant = plan.quantization_config(recipe)

@@ -10,7 +10,14 @@ import mlx.core as mx
 
 from .cache import rewind
 from .sampling import Sampler, as_sampler, process
-from .speculative import AutoDraft, FixedDraft, MTPDrafter, SpecStats, accept, draft_bytes_ratio
+from .speculative import (
+    AutoDraft,
+    FixedDraft,
+    MTPDrafter,
+    SpecStats,
+    accept,
+    draft_bytes_ratio,
+)
 
 PREFILL_STEP = 512
 MAX_DRAFT = 3
@@ -64,7 +71,9 @@ def generate_step(
     if draft_mtp:
         num_draft = check_num_draft(num_draft)
         if not model.num_mtp:
-            warnings.warn("this model has no MTP weights: --draft-mtp ignored, decoding plainly", stacklevel=2)
+            warnings.warn(
+                "this model has no MTP weights: --draft-mtp ignored, decoding plainly", stacklevel=2
+            )
             draft_mtp = False
     policy = None
     if draft_mtp:
@@ -88,8 +97,9 @@ def generate_step(
         if policy is None:
             yield from _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1)
             return
-        yield from _speculative(model, tokens, cache, drafter, sampler, logits_processors,
-                                policy, max_tokens - 1, stats)
+        yield from _speculative(
+            model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
+        )
 
 
 _STREAM = []
@@ -160,15 +170,20 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
                 yield item
             policy.update_plain(run, time.perf_counter() - tic)
             continue
-        drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (
-            mx.array([], dtype=mx.int32), [])
+        drafts, dists = (
+            drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
+        )
         inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
         h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
         logits = model.logits(h)[0]
         if processors:
             hist = mx.array(tokens, dtype=mx.int32)
-            lp = mx.concatenate([process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors)
-                                 for i in range(n + 1)])
+            lp = mx.concatenate(
+                [
+                    process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors)
+                    for i in range(n + 1)
+                ]
+            )
         else:
             lp = logits.astype(mx.float32)
             lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
@@ -215,9 +230,17 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     text = ""
-    gen = generate_step(model, ids, max_tokens=max_tokens, sampler=sampler,
-                        logits_processors=logits_processors, draft_mtp=draft_mtp,
-                        num_draft=num_draft, prefill_step_size=prefill_step_size, stats=stats)
+    gen = generate_step(
+        model,
+        ids,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        draft_mtp=draft_mtp,
+        num_draft=num_draft,
+        prefill_step_size=prefill_step_size,
+        stats=stats,
+    )
     n = 0
     for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):
         if n == 1:
@@ -237,18 +260,26 @@ def stream_generate(
             segment = segment[: max(0, min(hits) - before)]
             finish = "stop"
         yield GenerationResponse(
-            text=segment, token=tok, logprobs=logprobs, from_draft=from_draft,
-            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=_peak_gb(),
-            finish_reason=finish, stats=stats,
+            text=segment,
+            token=tok,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=_peak_gb(),
+            finish_reason=finish,
+            stats=stats,
         )
         if finish:
             gen.close()
             break
 
 
-def generate(model, tokenizer, prompt: Union[str, List[int]], max_tokens: int = 256, *,
-             verbose: bool = False, **kwargs) -> str:
+def generate(
+    model, tokenizer, prompt: Union[str, List[int]], max_tokens: int = 256, *, verbose: bool = False, **kwargs
+) -> str:
     """The generated text; with verbose=True, streams it and prints stats like mlx_lm.generate."""
     text = ""
     last = None
@@ -271,23 +302,31 @@ def format_stats(r: GenerationResponse) -> str:
     s = r.stats
     if s.verify_steps or s.plain_tokens:
         passes = 1 + s.verify_steps + s.plain_tokens
-        lines.append(f"Tokens per trunk pass: {r.generation_tokens / passes:.2f} "
-                     f"({s.verify_steps} verify steps, {s.plain_tokens} plain steps)")
+        lines.append(
+            f"Tokens per trunk pass: {r.generation_tokens / passes:.2f} "
+            f"({s.verify_steps} verify steps, {s.plain_tokens} plain steps)"
+        )
         if s.drafted:
-            lines.append("MTP acceptance by depth: " + ", ".join(
-                f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)))
+            lines.append(
+                "MTP acceptance by depth: "
+                + ", ".join(
+                    f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)
+                )
+            )
         else:
             lines.append("MTP drafts: none (auto: drafting was not expected to pay on this machine)")
     lines.append(f"Peak memory: {r.peak_memory:.3f} GB")
     return "\n".join(lines)
 
 
-def build_prompt(tokenizer, prompt: str, *, system: Optional[str] = None,
-                 chat_template: bool = True) -> List[int]:
+def build_prompt(
+    tokenizer, prompt: str, *, system: Optional[str] = None, chat_template: bool = True
+) -> List[int]:
     """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate does)."""
     if chat_template and getattr(tokenizer, "has_chat_template", False):
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

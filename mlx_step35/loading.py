@@ -9,7 +9,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .config import ModelArgs, load_config, parse_config
+from .config import load_config, parse_config
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (

@@ -67,9 +67,7 @@ class MoE(nn.Module):
             args.moe_num_experts,
             activation=ClampedSwiGLU(limit) if limit > 0 else SwiGLU(),
         )
-        self.share_expert = MLP(
-            args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True)
-        )
+        self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
 
     def __call__(self, x: mx.array) -> mx.array:
         idx, weights = self.gate(x)  # [B, L, top_k]

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+)
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -47,8 +52,9 @@ class Sampler:
         return mx.random.categorical(self.filtered(logprobs) * (1 / self.temp))
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0, top_k: int = 0,
-                 min_tokens_to_keep: int = 1) -> Sampler:
+def make_sampler(
+    temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0, top_k: int = 0, min_tokens_to_keep: int = 1
+) -> Sampler:
     """Like mlx_lm.sample_utils.make_sampler (same arguments and behaviour), but its
     distribution can be read, so speculative sampling with MTP drafts stays lossless."""
     if temp < 0 or not 0 <= top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0:

@@ -120,8 +120,9 @@ class MTPDrafter:
         if last is not None and last.shape[1] > 1:
             self.hidden[self.K] = last[:, -1:]
 
-    def draft(self, seq: List[int], n: int, sampler: Sampler, processors=None
-              ) -> Tuple[mx.array, List[mx.array]]:
+    def draft(
+        self, seq: List[int], n: int, sampler: Sampler, processors=None
+    ) -> Tuple[mx.array, List[mx.array]]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
         verified token). Returns the drafts as a lazy int32 array [n] and, per draft, the
         distribution it was drawn from [1, V] (lazy: nothing is evaluated here)."""
@@ -165,8 +166,7 @@ def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:
     return mx.concatenate([a, b], axis=1)
 
 
-def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler: Sampler
-           ) -> Tuple[int, int]:
+def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler: Sampler) -> Tuple[int, int]:
     """Lossless acceptance (Leviathan et al. / Chen et al.), evaluated in one sync.
 
     `logprobs` [n+1, V] are the trunk's processed log-probabilities at the n draft
@@ -259,8 +259,14 @@ class AutoDraft:
     plain_run = 16
     MAX_PLAIN_RUN = 256
 
-    def __init__(self, max_depth: int, draft_bytes_ratio: Tuple[float, float] = (0.05, 0.05),
-                 prior: float = 0.6, prior_weight: float = 2.0, ema: float = 0.3):
+    def __init__(
+        self,
+        max_depth: int,
+        draft_bytes_ratio: Tuple[float, float] = (0.05, 0.05),
+        prior: float = 0.6,
+        prior_weight: float = 2.0,
+        ema: float = 0.3,
+    ):
         self.K = self.max_depth = max_depth
         self.body, self.head = draft_bytes_ratio  # MTP block body / head bytes over trunk bytes
         self.prior, self.prior_weight, self.ema = prior, prior_weight, ema

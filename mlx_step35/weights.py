@@ -3,7 +3,7 @@ shared by `load` (tensors go into the model) and `convert` (tensors go to new sh
 
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import FORMAT_KEY, ModelArgs
-from .safetensors_io import CheckpointError, iter_shards, shard_files, ShardReader
+from .safetensors_io import CheckpointError, ShardReader, iter_shards, shard_files
 
 # HF checkpoint name -> our module name (mlx-lm's step3p5 names, so conversions load there too).
 RENAMES = [
@@ -157,7 +157,9 @@ class WeightPlan:
             return []
         module = internal.rpartition(".")[0]
         quantize = module in self.quant and module not in self.prequant
-        want = self.shapes.get(internal) if quantize or module not in self.quant else self.expected.get(internal)
+        want = (
+            self.shapes.get(internal) if quantize or module not in self.quant else self.expected.get(internal)
+        )
         if want is None:
             raise CheckpointError(f"{reader.path}: unexpected tensor {key} (no parameter {internal})")
         if tuple(reader.shape(key)) != tuple(want):
@@ -184,7 +186,9 @@ class WeightPlan:
         parts = []
         for start in range(0, rows, step):  # stacked experts: a slice of experts at a time
             w = self._prepare(reader.read(key, start, start + step), internal, module)
-            q = mx.quantize(w, group_size=params["group_size"], bits=params["bits"], mode=params.get("mode", "affine"))
+            q = mx.quantize(
+                w, group_size=params["group_size"], bits=params["bits"], mode=params.get("mode", "affine")
+            )
             mx.eval(q)
             parts.append(q)
             del w
@@ -229,8 +233,9 @@ class WeightPlan:
         return block
 
 
-def stream(plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool = False,
-           only=None, on_tensor=None) -> Iterator[Tuple[str, mx.array]]:
+def stream(
+    plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool = False, only=None, on_tensor=None
+) -> Iterator[Tuple[str, mx.array]]:
     """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses;
     `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars)."""
     wanted = None if only is None else {str(f) for f in only}

@@ -63,7 +63,9 @@ def main():
     a = ap.parse_args()
     model, tok = load(a.model)
     ce, top1, mtp, n = evaluate(model, heldout_ids(tok), a.seq, a.max_seqs)
-    print(f"held-out: {n} sequences of {a.seq} tokens; trunk CE {ce:.4f} (ppl {np.exp(ce):.1f}), top-1 {top1:.3f}")
+    print(
+        f"held-out: {n} sequences of {a.seq} tokens; trunk CE {ce:.4f} (ppl {np.exp(ce):.1f}), top-1 {top1:.3f}"
+    )
     print("| MTP depth | CE | accuracy | agrees with trunk argmax | chain 1..k all agree |")
     print("|---|---|---|---|---|")
     for k, m in enumerate(mtp, start=1):

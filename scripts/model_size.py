@@ -3,8 +3,8 @@
 Builds the model lazily from the published config (nothing is allocated) and adds up
 the bytes every parameter would take: `python scripts/model_size.py`."""
 
-import mlx.nn as nn
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_step35.config import parse_config
@@ -13,13 +13,23 @@ from mlx_step35.weights import QuantRecipe
 
 N = 45
 REAL = {
-    "model_type": "step3p5", "hidden_size": 4096, "head_dim": 128, "vocab_size": 128896,
-    "num_hidden_layers": N, "num_nextn_predict_layers": 3, "intermediate_size": 11264,
-    "num_attention_heads": 64, "num_attention_groups": 8, "sliding_window": 512,
+    "model_type": "step3p5",
+    "hidden_size": 4096,
+    "head_dim": 128,
+    "vocab_size": 128896,
+    "num_hidden_layers": N,
+    "num_nextn_predict_layers": 3,
+    "intermediate_size": 11264,
+    "num_attention_heads": 64,
+    "num_attention_groups": 8,
+    "sliding_window": 512,
     "attention_other_setting": {"num_attention_heads": 96, "num_attention_groups": 8, "head_dim": 128},
     "layer_types": ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(N + 3)],
-    "moe_layers_enum": ",".join(str(i) for i in range(3, N)), "moe_num_experts": 288,
-    "moe_top_k": 8, "moe_intermediate_size": 1280, "share_expert_dim": 1280,
+    "moe_layers_enum": ",".join(str(i) for i in range(3, N)),
+    "moe_num_experts": 288,
+    "moe_top_k": 8,
+    "moe_intermediate_size": 1280,
+    "share_expert_dim": 1280,
 }
 
 
@@ -45,6 +55,8 @@ def sizes(recipe):
 if __name__ == "__main__":
     print("| weights | total GB | routed experts GB | MTP blocks GB |")
     print("|---|---|---|---|")
-    for label, r in [("bf16", None)] + [(f"{b}-bit (router 8, vocab heads 6)", QuantRecipe(bits=b)) for b in (3, 4, 6, 8)]:
+    for label, r in [("bf16", None)] + [
+        (f"{b}-bit (router 8, vocab heads 6)", QuantRecipe(bits=b)) for b in (3, 4, 6, 8)
+    ]:
         t, e, m = sizes(r)
         print(f"| {label} | {t / 1e9:.1f} | {e / 1e9:.1f} | {m / 1e9:.1f} |")

@@ -22,6 +22,7 @@ after each optimizer step; not a gradient parameter). MTP losses back-propagate 
 
 Usage: .venv/bin/python scripts/train_demo.py --minutes 30 --threads 1   (outputs build/demo-hf)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,20 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------
 
 EXCLUDE_DIRS = {
-    "test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo",
-    "ensurepip", "__pycache__", "encodings", "pydoc_data", "tkinter", "venv", "config-3",
+    "test",
+    "tests",
+    "site-packages",
+    "dist-packages",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "tkinter",
+    "venv",
+    "config-3",
 }
 SPECIAL_TOKENS = ["<s>", "<|endoftext|>", "</s>", "<|im_start|>", "<|im_end|>"]
 
@@ -89,11 +102,16 @@ def train_tokenizer(train_docs, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([t for _, t in train_docs], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
     return tok
@@ -113,27 +131,51 @@ def encode_stream(tok, docs):
 def write_tokenizer_files(tok, out_dir, eos_ids, max_len):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     # A base model trained on plain code: no chat template, so prompts are fed as they are.
-    added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, s in enumerate(SPECIAL_TOKENS)}
+    added = {
+        str(i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, s in enumerate(SPECIAL_TOKENS)
+    }
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "add_bos_token": True, "add_eos_token": False,
-        "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": added,
     }
     json.dump(tcfg, open(os.path.join(out_dir, "tokenizer_config.json"), "w"), indent=2)
-    stm = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-           "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "</s>"]}
+    stm = {
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "</s>"],
+    }
     json.dump(stm, open(os.path.join(out_dir, "special_tokens_map.json"), "w"), indent=2)
-    gen = {"bos_token_id": 0, "eos_token_id": eos_ids, "pad_token_id": 1, "do_sample": False,
-           "transformers_version": "5.0.0"}
+    gen = {
+        "bos_token_id": 0,
+        "eos_token_id": eos_ids,
+        "pad_token_id": 1,
+        "do_sample": False,
+        "transformers_version": "5.0.0",
+    }
     json.dump(gen, open(os.path.join(out_dir, "generation_config.json"), "w"), indent=2)
 
 
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
+
 
 def make_config(vocab_size, args, eos_ids):
     n = args.layers
@@ -163,12 +205,21 @@ def make_config(vocab_size, args, eos_ids):
         "hidden_act": "silu",
         "layer_types": layer_types,
         "sliding_window": args.window,
-        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
-                                    "num_attention_groups": 2, "head_dim": 32},
+        "attention_other_setting": {
+            "attention_type": "sliding_attention",
+            "num_attention_heads": 6,
+            "num_attention_groups": 2,
+            "head_dim": 32,
+        },
         "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in layer_types],
         "rope_theta": [5_000_000.0 if t == "full_attention" else 10_000.0 for t in layer_types],
-        "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 32.0, "original_max_position_embeddings": args.seq},
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 2.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 32.0,
+            "original_max_position_embeddings": args.seq,
+        },
         "yarn_only_types": ["full_attention"],
         "use_head_wise_attn_gate": True,
         "use_qk_norm": True,
@@ -199,6 +250,7 @@ def make_config(vocab_size, args, eos_ids):
 # --------------------------------------------------------------------------------------------
 # model (float32 torch; semantics per STEP35_FACTS.md)
 # --------------------------------------------------------------------------------------------
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: stored w, applied as (1 + w), computed in fp32."""
@@ -287,7 +339,7 @@ class Attention(nn.Module):
         mask = ki <= qi
         if self.window is not None:
             mask = mask & (qi - ki < self.window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd ** -0.5)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd**-0.5)
         o = o * torch.sigmoid(self.g_proj(x)).transpose(1, 2).unsqueeze(-1)  # head-wise gate
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -319,8 +371,8 @@ class MoE(nn.Module):
         self.E, self.k = E, cfg["moe_top_k"]
         self.scale = cfg["moe_router_scaling_factor"]
         self.limit = cfg["swiglu_limits"][i]
-        self.gate = nn.Linear(H, E, bias=False)                      # moe.gate.weight [E, H]
-        self.register_buffer("router_bias", torch.zeros(E))          # moe.router_bias [E] fp32
+        self.gate = nn.Linear(H, E, bias=False)  # moe.gate.weight [E, H]
+        self.register_buffer("router_bias", torch.zeros(E))  # moe.router_bias [E] fp32
         self.gate_proj = nn.Parameter(torch.empty(E, I, H))
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
@@ -397,7 +449,8 @@ class Inner(nn.Module):
         n, m = cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"]
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, i) for i in range(n)] + [MTPLayer(cfg, i) for i in range(n, n + m)])
+            [DecoderLayer(cfg, i) for i in range(n)] + [MTPLayer(cfg, i) for i in range(n, n + m)]
+        )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
 
 
@@ -443,7 +496,7 @@ class Step35(nn.Module):
         for k in range(1, n_mtp + 1):
             blk = self.model.layers[self.n + k - 1]
             L = T - k
-            e = emb[:, k:k + L]                             # embed(x_{t+k})
+            e = emb[:, k : k + L]  # embed(x_{t+k})
             u = blk.eh_proj(torch.cat((blk.enorm(e), blk.hnorm(h_prev[:, :L])), dim=-1))
             hk = DecoderLayer.forward(blk, u, torch.arange(L) + k)  # RoPE position t+k
             sh = blk.transformer.shared_head
@@ -458,6 +511,7 @@ class Step35(nn.Module):
 # --------------------------------------------------------------------------------------------
 # export / import in the HF checkpoint layout
 # --------------------------------------------------------------------------------------------
+
 
 def hf_state_dict(model):
     sd = {}
@@ -492,8 +546,10 @@ def export(model, cfg, out_dir):
         parts = key.split(".")
         return key.startswith("model.layers.") and int(parts[2]) >= n
 
-    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if not is_mtp(k)},
-              "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if is_mtp(k)}}
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if not is_mtp(k)},
+        "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if is_mtp(k)},
+    }
     weight_map, total = {}, 0
     for fname, part in shards.items():
         save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
@@ -532,13 +588,15 @@ def hf_trunk_logits(out_dir, sd, ids):
     for k, v in sd.items():
         if not k.startswith("model."):
             continue
-        k2 = k[len("model."):]
+        k2 = k[len("model.") :]
         if k2.startswith("layers.") and int(k2.split(".")[1]) >= n:
             continue
-        k2 = (k2.replace(".moe.gate.weight", ".mlp.gate.weight")
-                .replace(".moe.router_bias", ".mlp.gate.e_score_correction_bias")
-                .replace(".moe.down_proj.weight", ".mlp.experts.down_proj")
-                .replace(".share_expert.", ".mlp.shared_experts."))
+        k2 = (
+            k2.replace(".moe.gate.weight", ".mlp.gate.weight")
+            .replace(".moe.router_bias", ".mlp.gate.e_score_correction_bias")
+            .replace(".moe.down_proj.weight", ".mlp.experts.down_proj")
+            .replace(".share_expert.", ".mlp.shared_experts.")
+        )
         if k2.endswith(".moe.up_proj.weight"):
             continue
         if k2.endswith(".moe.gate_proj.weight"):
@@ -562,21 +620,33 @@ def hf_trunk_logits(out_dir, sd, ids):
 # evaluation
 # --------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def evaluate(model, seqs, bs=16):
     model.eval()
     m = model.m
     tot = {"trunk_nll": 0.0, "trunk_n": 0, "trunk_acc": 0}
     for k in range(1, m + 1):
-        tot.update({f"nll{k}": 0.0, f"n{k}": 0, f"acc{k}": 0, f"agree{k}": 0,
-                    f"chain_data{k}": 0, f"chain_trunk{k}": 0, f"chain_n{k}": 0})
+        tot.update(
+            {
+                f"nll{k}": 0.0,
+                f"n{k}": 0,
+                f"acc{k}": 0,
+                f"agree{k}": 0,
+                f"chain_data{k}": 0,
+                f"chain_trunk{k}": 0,
+                f"chain_n{k}": 0,
+            }
+        )
     for s in range(0, len(seqs), bs):
-        ids = seqs[s:s + bs]
+        ids = seqs[s : s + bs]
         T = ids.shape[1]
         logits, mtp = model(ids)
         tgt = ids[:, 1:]
         tl = logits[:, :-1]
-        tot["trunk_nll"] += F.cross_entropy(tl.reshape(-1, tl.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        tot["trunk_nll"] += F.cross_entropy(
+            tl.reshape(-1, tl.shape[-1]), tgt.reshape(-1), reduction="sum"
+        ).item()
         tot["trunk_n"] += tgt.numel()
         targ = logits.argmax(-1)  # trunk prediction for x_{t+1}
         tot["trunk_acc"] += (targ[:, :-1] == tgt).sum().item()
@@ -586,30 +656,37 @@ def evaluate(model, seqs, bs=16):
         ok_trunk = torch.ones(ids.shape[0], P, dtype=torch.bool)
         for k in range(1, m + 1):
             lk = mtp[k - 1][:, : T - k - 1]
-            yk = ids[:, k + 1:]
-            tot[f"nll{k}"] += F.cross_entropy(lk.reshape(-1, lk.shape[-1]), yk.reshape(-1), reduction="sum").item()
+            yk = ids[:, k + 1 :]
+            tot[f"nll{k}"] += F.cross_entropy(
+                lk.reshape(-1, lk.shape[-1]), yk.reshape(-1), reduction="sum"
+            ).item()
             tot[f"n{k}"] += yk.numel()
             pk = lk.argmax(-1)
             tot[f"acc{k}"] += (pk == yk).sum().item()
             # draft k at t vs the trunk's own argmax at position t+k (its guess for x_{t+k+1})
-            tk = targ[:, k:T - 1]
+            tk = targ[:, k : T - 1]
             tot[f"agree{k}"] += (pk == tk).sum().item()
-            ok_data &= (pk[:, :P] == yk[:, :P])
-            ok_trunk &= (pk[:, :P] == tk[:, :P])
+            ok_data &= pk[:, :P] == yk[:, :P]
+            ok_trunk &= pk[:, :P] == tk[:, :P]
             tot[f"chain_data{k}"] += ok_data.sum().item()
             tot[f"chain_trunk{k}"] += ok_trunk.sum().item()
             tot[f"chain_n{k}"] += ok_data.numel()
-    res = {"trunk_ce": tot["trunk_nll"] / tot["trunk_n"], "trunk_top1": tot["trunk_acc"] / tot["trunk_n"],
-           "mtp": []}
+    res = {
+        "trunk_ce": tot["trunk_nll"] / tot["trunk_n"],
+        "trunk_top1": tot["trunk_acc"] / tot["trunk_n"],
+        "mtp": [],
+    }
     for k in range(1, m + 1):
-        res["mtp"].append({
-            "depth": k,
-            "ce": tot[f"nll{k}"] / tot[f"n{k}"],
-            "acc_vs_data": tot[f"acc{k}"] / tot[f"n{k}"],
-            "acc_vs_trunk_argmax": tot[f"agree{k}"] / tot[f"n{k}"],
-            "chained_acc_vs_data": tot[f"chain_data{k}"] / tot[f"chain_n{k}"],
-            "chained_acc_vs_trunk_argmax": tot[f"chain_trunk{k}"] / tot[f"chain_n{k}"],
-        })
+        res["mtp"].append(
+            {
+                "depth": k,
+                "ce": tot[f"nll{k}"] / tot[f"n{k}"],
+                "acc_vs_data": tot[f"acc{k}"] / tot[f"n{k}"],
+                "acc_vs_trunk_argmax": tot[f"agree{k}"] / tot[f"n{k}"],
+                "chained_acc_vs_data": tot[f"chain_data{k}"] / tot[f"chain_n{k}"],
+                "chained_acc_vs_trunk_argmax": tot[f"chain_trunk{k}"] / tot[f"chain_n{k}"],
+            }
+        )
     model.train()
     return res
 
@@ -617,14 +694,17 @@ def evaluate(model, seqs, bs=16):
 def fmt_eval(r):
     s = f"trunk CE {r['trunk_ce']:.4f} (top1 {r['trunk_top1']:.3f})"
     for b in r["mtp"]:
-        s += (f" | MTP{b['depth']} CE {b['ce']:.4f} acc {b['acc_vs_data']:.3f}"
-              f" agree {b['acc_vs_trunk_argmax']:.3f} chain {b['chained_acc_vs_trunk_argmax']:.3f}")
+        s += (
+            f" | MTP{b['depth']} CE {b['ce']:.4f} acc {b['acc_vs_data']:.3f}"
+            f" agree {b['acc_vs_trunk_argmax']:.3f} chain {b['chained_acc_vs_trunk_argmax']:.3f}"
+        )
     return s
 
 
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -652,8 +732,12 @@ def main():
     ap.add_argument("--share-dim", type=int, default=128)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--max-pos", type=int, default=4096)
-    ap.add_argument("--no-swiglu-limits", dest="swiglu_limits", action="store_false",
-                    help="export zeros instead of the real model's 7/16 clamps on the last 2 layers")
+    ap.add_argument(
+        "--no-swiglu-limits",
+        dest="swiglu_limits",
+        action="store_false",
+        help="export zeros instead of the real model's 7/16 clamps on the last 2 layers",
+    )
     ap.add_argument("--max-eval-seqs", type=int, default=256)
     args = ap.parse_args()
     if args.steps is None and args.minutes is None:
@@ -678,9 +762,12 @@ def main():
     held_ids = encode_stream(tok, held_docs)
     nbytes_tr = sum(len(t.encode()) for _, t in train_docs)
     nbytes_he = sum(len(t.encode()) for _, t in held_docs)
-    print(f"corpus: {len(docs)} files from {root} ({nbytes_tr + nbytes_he} bytes, sha256 {h.hexdigest()[:16]}); "
-          f"train {len(train_docs)} files {len(train_ids)} tokens, held-out {len(held_docs)} files "
-          f"{len(held_ids)} tokens; vocab {V}; {time.time() - t_start:.1f}s", flush=True)
+    print(
+        f"corpus: {len(docs)} files from {root} ({nbytes_tr + nbytes_he} bytes, sha256 {h.hexdigest()[:16]}); "
+        f"train {len(train_docs)} files {len(train_ids)} tokens, held-out {len(held_docs)} files "
+        f"{len(held_ids)} tokens; vocab {V}; {time.time() - t_start:.1f}s",
+        flush=True,
+    )
 
     cfg = make_config(V, args, eos_ids)
     write_tokenizer_files(tok, args.out, eos_ids, args.max_pos)
@@ -697,8 +784,12 @@ def main():
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
         (no_decay if (p.dim() < 2 or n_.endswith("norm.weight")) else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     rng = np.random.default_rng(args.seed)
     budget_s = args.minutes * 60 if args.minutes is not None else None
     t_train = time.time()
@@ -717,13 +808,13 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         starts = rng.integers(0, len(train_ids) - T, size=args.batch)
-        ids = torch.from_numpy(np.stack([train_ids[s:s + T] for s in starts]))
+        ids = torch.from_numpy(np.stack([train_ids[s : s + T] for s in starts]))
         logits, mtp = model(ids)
         loss_t = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
         loss_m = []
         for k, lk in enumerate(mtp, start=1):
             lk = lk[:, : T - k - 1]
-            loss_m.append(F.cross_entropy(lk.reshape(-1, V), ids[:, k + 1:].reshape(-1)))
+            loss_m.append(F.cross_entropy(lk.reshape(-1, V), ids[:, k + 1 :].reshape(-1)))
         loss = loss_t + args.mtp_lambda * torch.stack(loss_m).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -737,11 +828,15 @@ def main():
         step += 1
         hist.append([loss_t.item()] + [x.item() for x in loss_m])
         if step % args.log_every == 0 or step == 1:
-            a = np.mean(hist[-args.log_every:], axis=0)
+            a = np.mean(hist[-args.log_every :], axis=0)
             loads = [(m.last_load.max() / m.last_load.mean()).item() for m in model.moe_layers()]
-            print(f"step {step} {time.time() - t_train:.0f}s lr {lr:.2e} trunk {a[0]:.4f} mtp "
-                  + " ".join(f"{x:.4f}" for x in a[1:])
-                  + f" gnorm {gn:.2f} max/mean load " + " ".join(f"{x:.2f}" for x in loads), flush=True)
+            print(
+                f"step {step} {time.time() - t_train:.0f}s lr {lr:.2e} trunk {a[0]:.4f} mtp "
+                + " ".join(f"{x:.4f}" for x in a[1:])
+                + f" gnorm {gn:.2f} max/mean load "
+                + " ".join(f"{x:.2f}" for x in loads),
+                flush=True,
+            )
         if args.eval_every and step % args.eval_every == 0:
             print(f"eval @ {step}: {fmt_eval(evaluate(model, held))}", flush=True)
     train_s = time.time() - t_train
@@ -754,7 +849,7 @@ def main():
     res = evaluate(model, held)
     print(f"held-out (bf16 weights): {fmt_eval(res)}", flush=True)
 
-    sd = export(model, cfg, args.out)
+    export(model, cfg, args.out)
 
     # verification 1: reload the shards into a fresh model
     fresh = Step35(cfg)
@@ -783,23 +878,39 @@ def main():
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files if f.endswith(".safetensors"))
     log = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "args": vars(args), "seed": args.seed, "steps": step, "train_wall_s": round(train_s, 1),
-        "total_wall_s": round(time.time() - t_start, 1), "threads": args.threads,
-        "params": nparam, "safetensors_bytes": size,
+        "args": vars(args),
+        "seed": args.seed,
+        "steps": step,
+        "train_wall_s": round(train_s, 1),
+        "total_wall_s": round(time.time() - t_start, 1),
+        "threads": args.threads,
+        "params": nparam,
+        "safetensors_bytes": size,
         "corpus": {
             "description": "CPython standard library *.py sources (sorted walk of dirname(os.__file__), "
-                           f"excluding dirs {sorted(EXCLUDE_DIRS)} and test_*.py, files <= 150 kB), "
-                           "first ~%.1f MB; every 50th file held out" % args.corpus_mb,
-            "root": root, "python": platform.python_version(), "files": len(docs),
-            "train_files": len(train_docs), "heldout_files": len(held_docs),
-            "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(held_ids)),
-            "bytes": nbytes_tr + nbytes_he, "sha256": h.hexdigest(),
+            f"excluding dirs {sorted(EXCLUDE_DIRS)} and test_*.py, files <= 150 kB), "
+            "first ~%.1f MB; every 50th file held out" % args.corpus_mb,
+            "root": root,
+            "python": platform.python_version(),
+            "files": len(docs),
+            "train_files": len(train_docs),
+            "heldout_files": len(held_docs),
+            "train_tokens": int(len(train_ids)),
+            "heldout_tokens": int(len(held_ids)),
+            "bytes": nbytes_tr + nbytes_he,
+            "sha256": h.hexdigest(),
         },
         "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": V, "special": SPECIAL_TOKENS},
-        "training": {"optimizer": "AdamW(0.9,0.95) wd 0.1", "lr": args.lr, "schedule": "linear warmup + cosine to 10%",
-                     "batch": args.batch, "seq": T, "mtp_lambda": args.mtp_lambda,
-                     "mtp_grad_into_trunk": True,
-                     "router_bias": f"aux-loss-free sign update, gamma {args.bias_gamma}"},
+        "training": {
+            "optimizer": "AdamW(0.9,0.95) wd 0.1",
+            "lr": args.lr,
+            "schedule": "linear warmup + cosine to 10%",
+            "batch": args.batch,
+            "seq": T,
+            "mtp_lambda": args.mtp_lambda,
+            "mtp_grad_into_trunk": True,
+            "router_bias": f"aux-loss-free sign update, gamma {args.bias_gamma}",
+        },
         "heldout_eval_seqs": int(held.shape[0]),
         "final_heldout": res,
         "verify": {"reload_max_abs_logit_diff": d_reload, "hf_step3p7_max_abs_logit_diff": d_hf},

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from factory import make_checkpoint
 
 SLIDING_WINDOW = 8
@@ -61,6 +60,8 @@ def tokens():
 def tiny_ckpt_37_flat(tmp_path_factory):
     """Step-3.7 as HF's conversion table lays out the hub files: text weights under model.*."""
     return make_checkpoint(
-        tmp_path_factory.mktemp("step3p7_flat"), variant="step3p7", text_prefix="model.",
+        tmp_path_factory.mktemp("step3p7_flat"),
+        variant="step3p7",
+        text_prefix="model.",
         sliding_window=SLIDING_WINDOW,
     )

@@ -40,9 +40,7 @@ def _layer_arrays(n_trunk: int, n_total: int) -> dict:
     }
 
 
-def make_config(
-    *, variant: str = "step3p5", mtp: bool = True, sliding_window: int = 8, **overrides
-) -> dict:
+def make_config(*, variant: str = "step3p5", mtp: bool = True, sliding_window: int = 8, **overrides) -> dict:
     """The config.json dict of a tiny checkpoint (nested under text_config for step3p7)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
@@ -343,8 +341,7 @@ def make_checkpoint(
     if variant == "step3p7":
         prefix = text_prefix or "model.language_model."
         tensors = {
-            (prefix + k[len("model."):] if k.startswith("model.") else k): v
-            for k, v in tensors.items()
+            (prefix + k[len("model.") :] if k.startswith("model.") else k): v for k, v in tensors.items()
         }
         # dummy vision tower / projector, under the hub checkpoint's names; text loaders skip them
         rng = np.random.default_rng(seed + 1)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from factory import text_config
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +80,7 @@ def hf_text_config(cfg: dict):
     return hf
 
 
-def hf_state_dict(tensors: dict, n_layers: int) -> tuple[dict, "torch.Tensor", set]:
+def hf_state_dict(tensors: dict, n_layers: int) -> tuple:
     """Checkpoint keys -> Step3p7TextModel keys. Returns (state, lm_head, used checkpoint keys)."""
     import torch
 
@@ -97,11 +96,11 @@ def hf_state_dict(tensors: dict, n_layers: int) -> tuple[dict, "torch.Tensor", s
             continue  # MTP layers: not part of the trunk
         if k in ("lm_head.weight",) or k in used:
             continue
-        name = k[len("model."):]
+        name = k[len("model.") :]
         if ".moe.gate_proj." in k or ".moe.up_proj." in k:
             p = k.rsplit(".moe.", 1)[0]
             g, u = f"{p}.moe.gate_proj.weight", f"{p}.moe.up_proj.weight"
-            state[f"{p[len('model.'):]}.mlp.experts.gate_up_proj"] = torch.cat(
+            state[f"{p[len('model.') :]}.mlp.experts.gate_up_proj"] = torch.cat(
                 [tensors[g], tensors[u]], dim=1
             )  # [E, 2I, H]: gate rows first, as Step3p7Experts._apply_gate chunks them
             used.update((g, u))
@@ -447,7 +446,7 @@ def hf_decoder_layer(path, i):
     tensors = read_tensors(path)
     prefix = f"model.layers.{i}."
     state, _, used = hf_state_dict({k: v for k, v in tensors.items() if k.startswith(prefix)}, n_all)
-    state = {k[len(f"layers.{i}."):]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
+    state = {k[len(f"layers.{i}.") :]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
     mtp_only = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
     state = {k: v for k, v in state.items() if k not in mtp_only and not k.startswith("transformer.")}
     layer.load_state_dict(state, strict=True)

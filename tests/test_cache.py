@@ -1,10 +1,9 @@
 """Rewindable KV caches against a hand-written reference: a plain list of every key/value
 ever appended (minus the rewound ones) and an explicit sliding-window mask."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from mlx_step35.cache import FullKVCache, SlidingKVCache, rewind
 

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_step35 import convert, load
@@ -19,8 +18,12 @@ from mlx_step35.conversion import ShardWriter
 from mlx_step35.safetensors_io import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def _np(x):
@@ -173,7 +176,13 @@ def _drop_mtp(src: Path, dst: Path, edit_config: bool = True) -> Path:
         return dst
     cfg = json.loads((dst / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 0
-    for key in ("layer_types", "partial_rotary_factors", "rope_theta", "swiglu_limits", "swiglu_limits_shared"):
+    for key in (
+        "layer_types",
+        "partial_rotary_factors",
+        "rope_theta",
+        "swiglu_limits",
+        "swiglu_limits_shared",
+    ):
         cfg[key] = cfg[key][:5]
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
@@ -252,9 +261,24 @@ def test_convert_checkpoint_whose_config_promises_missing_mtp(tiny_ckpt, tmp_pat
 def test_convert_cli(tiny_ckpt, tmp_path, tokens):
     out = tmp_path / "cli_out"
     r = subprocess.run(
-        [sys.executable, "convert.py", "--hf-path", str(tiny_ckpt), "--mlx-path", str(out),
-         "-q", "--q-bits", "8", "--dtype", "float32", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "convert.py",
+            "--hf-path",
+            str(tiny_ckpt),
+            "--mlx-path",
+            str(out),
+            "-q",
+            "--q-bits",
+            "8",
+            "--dtype",
+            "float32",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert str(out) in r.stdout

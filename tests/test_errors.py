@@ -191,8 +191,11 @@ def test_cli_main_one_line_exit_2(broken, case, tmp_path, capsys):
 
 # (script, case): each run spends ~3 s importing, so a few covering a config error, a shard error
 # and a failure in the middle of writing shards
-SUBPROCESS_CASES = [("generate.py", "truncated"), ("generate.py", "bad_model_type"),
-                    ("convert.py", "wrong_shape")]
+SUBPROCESS_CASES = [
+    ("generate.py", "truncated"),
+    ("generate.py", "bad_model_type"),
+    ("convert.py", "wrong_shape"),
+]
 
 
 def test_cli_subprocesses(broken, tmp_path):
@@ -204,8 +207,9 @@ def test_cli_subprocesses(broken, tmp_path):
             args = ["--model", str(path), "--max-tokens", "2"]
         else:
             args = ["--hf-path", str(path), "--mlx-path", str(tmp_path / case), "-q"]
-        proc = subprocess.Popen([PYTHON, prog, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, prog, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         runs.append((proc, culprit, prog))
     for proc, culprit, prog in runs:
         _, stderr = proc.communicate(timeout=120)

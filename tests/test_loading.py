@@ -4,14 +4,13 @@ import json
 import shutil
 import warnings
 
-import numpy as np
-import pytest
-
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+import pytest
+from factory import make_checkpoint
 from mlx.utils import tree_flatten
 
-from factory import make_checkpoint
 from mlx_step35 import ConfigError, QuantRecipe, convert, load
 from mlx_step35.config import parse_config
 from mlx_step35.model import Model
@@ -37,8 +36,13 @@ def real_config(n_entries: int = 48) -> dict:
         "layer_types": ["full_attention" if f else "sliding_attention" for f in full],
         "partial_rotary_factors": [0.5 if f else 1.0 for f in full],
         "rope_theta": [5e6 if f else 1e4 for f in full],
-        "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 131072},
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 2.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 131072,
+        },
         "yarn_only_types": ["full_attention"],
         "moe_layers_enum": ",".join(str(i) for i in range(3, 45)),
         "moe_num_experts": 288,
@@ -49,7 +53,13 @@ def real_config(n_entries: int = 48) -> dict:
         "swiglu_limits_shared": [16.0 if i in (43, 44) else 0.0 for i in range(48)],
         "eos_token_id": [1, 2, 128007],
     }
-    for key in ("layer_types", "partial_rotary_factors", "rope_theta", "swiglu_limits", "swiglu_limits_shared"):
+    for key in (
+        "layer_types",
+        "partial_rotary_factors",
+        "rope_theta",
+        "swiglu_limits",
+        "swiglu_limits_shared",
+    ):
         cfg[key] = cfg[key][:n_entries]
     return cfg
 
@@ -85,14 +95,26 @@ def test_heads_and_rope_per_layer_kind():
     # the modules built from it: a tiny model with the same per-layer arrays
     from mlx_lm.models.rope_utils import Llama3RoPE
 
-    small = parse_config({**real_config(), "hidden_size": 64, "head_dim": 16, "vocab_size": 32,
-                          "num_hidden_layers": 5, "moe_layers_enum": "3,4", "moe_num_experts": 4,
-                          "moe_top_k": 2, "attention_other_setting": {"num_attention_heads": 6,
-                          "num_attention_groups": 2, "head_dim": 16}, "num_attention_heads": 4,
-                          "num_attention_groups": 2, "layer_types": real_config()["layer_types"][:8],
-                          "partial_rotary_factors": real_config()["partial_rotary_factors"][:8],
-                          "rope_theta": real_config()["rope_theta"][:8],
-                          "swiglu_limits": [0.0] * 8, "swiglu_limits_shared": [0.0] * 8})
+    small = parse_config(
+        {
+            **real_config(),
+            "hidden_size": 64,
+            "head_dim": 16,
+            "vocab_size": 32,
+            "num_hidden_layers": 5,
+            "moe_layers_enum": "3,4",
+            "moe_num_experts": 4,
+            "moe_top_k": 2,
+            "attention_other_setting": {"num_attention_heads": 6, "num_attention_groups": 2, "head_dim": 16},
+            "num_attention_heads": 4,
+            "num_attention_groups": 2,
+            "layer_types": real_config()["layer_types"][:8],
+            "partial_rotary_factors": real_config()["partial_rotary_factors"][:8],
+            "rope_theta": real_config()["rope_theta"][:8],
+            "swiglu_limits": [0.0] * 8,
+            "swiglu_limits_shared": [0.0] * 8,
+        }
+    )
     model = Model(small)
     full, sliding = model.layers[0].self_attn, model.layers[1].self_attn
     assert isinstance(full.rope, Llama3RoPE) and full.rope.dims == 8
@@ -319,9 +341,16 @@ def test_quantization_recipe(tiny_ckpt):
 @pytest.fixture(scope="module")
 def wide_ckpt(tmp_path_factory):
     """Stacked experts of 16 x 256 x 256 (2 MiB in bf16 per projection)."""
-    return make_checkpoint(tmp_path_factory.mktemp("wide"), num_hidden_layers=4, hidden_size=256,
-                           moe_num_experts=16, moe_intermediate_size=256, share_expert_dim=64,
-                           intermediate_size=128, num_shards=2)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("wide"),
+        num_hidden_layers=4,
+        hidden_size=256,
+        moe_num_experts=16,
+        moe_intermediate_size=256,
+        share_expert_dim=64,
+        intermediate_size=128,
+        num_shards=2,
+    )
 
 
 def test_experts_stream_in_slices(wide_ckpt, monkeypatch):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as R
 from factory import make_checkpoint
 

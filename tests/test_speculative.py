@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from factory import make_config
 from spec_models import successor_model
 
 from mlx_step35 import generate, load, make_sampler, stream_generate
@@ -17,8 +18,6 @@ from mlx_step35.config import parse_config
 from mlx_step35.generation import generate_step
 from mlx_step35.model import Model
 from mlx_step35.speculative import MTPDrafter, SpecStats, accept
-
-from factory import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 500, 20)]
@@ -133,8 +132,9 @@ def drafts_vs_teacher_forced(model, monkeypatch, **kw):
 
 @pytest.mark.parametrize("which", ["random_model", "mixed_model"])
 def test_drafts_match_teacher_forced_mtp(which, request, monkeypatch):
-    _, steps = drafts_vs_teacher_forced(request.getfixturevalue(which), monkeypatch,
-                                        max_tokens=30, num_draft=3)
+    _, steps = drafts_vs_teacher_forced(
+        request.getfixturevalue(which), monkeypatch, max_tokens=30, num_draft=3
+    )
     assert steps > 5
 
 
@@ -151,7 +151,9 @@ def test_drafts_exact_after_long_plain_stretches(which, request, monkeypatch):
     monkeypatch.setattr(AutoDraft, "MAX_PLAIN_RUN", 1)
     skips = []
     original = MTPDrafter._skip_ahead
-    monkeypatch.setattr(MTPDrafter, "_skip_ahead", lambda self, start: (skips.append(start), original(self, start)))
+    monkeypatch.setattr(
+        MTPDrafter, "_skip_ahead", lambda self, start: (skips.append(start), original(self, start))
+    )
     model = request.getfixturevalue(which)
     out, steps = drafts_vs_teacher_forced(model, monkeypatch, max_tokens=280)
     assert len(skips) >= 2 and steps > 5
@@ -200,10 +202,14 @@ def test_bad_num_draft(random_model):
 
 # ---- sampling: the output distribution is the trunk's ----
 
+
 def chi2_sf(stat: float, dof: int) -> float:
     """Survival function of the chi-square distribution (regularized upper gamma)."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )
 
 
 def test_accept_rule_reproduces_target_distribution():
@@ -247,10 +253,12 @@ def test_sampling_distribution_matches_plain():
     runs = {}
     for draft in (False, True):
         mx.random.seed(123 if draft else 321)
-        runs[draft] = np.array([
-            tokens_of(model, prompt, max_tokens=T, sampler=sampler, draft_mtp=draft, num_draft=3)
-            for _ in range(N)
-        ])
+        runs[draft] = np.array(
+            [
+                tokens_of(model, prompt, max_tokens=T, sampler=sampler, draft_mtp=draft, num_draft=3)
+                for _ in range(N)
+            ]
+        )
     for pos in range(1, T):
         a = np.bincount(runs[False][:, pos], minlength=8)
         b = np.bincount(runs[True][:, pos], minlength=8)
@@ -260,8 +268,17 @@ def test_sampling_distribution_matches_plain():
 
 
 def test_cli_end_to_end(tiny_ckpt):
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny_ckpt), "--draft-mtp",
-           "--max-tokens", "12", "--prompt", "hello"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        "--model",
+        str(tiny_ckpt),
+        "--draft-mtp",
+        "--max-tokens",
+        "12",
+        "--prompt",
+        "hello",
+    ]
     r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
