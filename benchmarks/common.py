@@ -10,22 +10,20 @@ sys.path.insert(0, str(ROOT / "tests"))  # the checkpoint factory
 
 BUILD = ROOT / "build" / "bench"
 
-# A larger random checkpoint than the tests use: 8 layers, hidden 512, 32 experts.
-LARGE = dict(
+# Synthetic checkpoints wider than the tests' (hidden 512); benchmarks vary depth and experts.
+WIDE = dict(
     hidden_size=512,
     head_dim=64,
-    num_hidden_layers=8,
     vocab_size=4096,
     num_attention_heads=8,
     num_attention_groups=2,
     attention_other_setting={"num_attention_heads": 12, "num_attention_groups": 2, "head_dim": 64},
     intermediate_size=1536,
-    moe_intermediate_size=256,
-    share_expert_dim=256,
-    moe_num_experts=32,
     moe_top_k=4,
     sliding_window=64,
 )
+# The larger random checkpoint of benchmark 1: 8 layers, 32 experts.
+LARGE = dict(WIDE, num_hidden_layers=8, moe_num_experts=32, moe_intermediate_size=256, share_expert_dim=256)
 
 PROMPTS = [
     "def fibonacci(n):",

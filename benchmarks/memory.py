@@ -27,20 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BUILD = ROOT / "build" / "memory"
 MB = 1 << 20
+sys.path.insert(0, str(Path(__file__).parent))
+from common import WIDE  # noqa: E402
 
-BASE = dict(
-    hidden_size=512,
-    head_dim=64,
-    vocab_size=4096,
-    num_attention_heads=8,
-    num_attention_groups=2,
-    attention_other_setting={"num_attention_heads": 12, "num_attention_groups": 2, "head_dim": 64},
-    intermediate_size=1536,
-    moe_intermediate_size=512,
-    share_expert_dim=512,
-    moe_top_k=4,
-    sliding_window=64,
-)
+BASE = dict(WIDE, moe_intermediate_size=512, share_expert_dim=512)
 CHECKPOINTS = {  # name -> (overrides, input shards)
     "small": (dict(num_hidden_layers=6, moe_num_experts=16), 3),
     "large": (dict(num_hidden_layers=18, moe_num_experts=16), 9),
