@@ -1,8 +1,12 @@
 """Generate text with Step-3.5/3.7-Flash, optionally drafting with its 3 MTP blocks."""
 
-from mlx_step35.cli import ArgumentParser, user_errors
+from dataclasses import asdict
 
-DEFAULTS = dict(max_tokens=256, temp=0.0, top_p=0.0, top_k=0, min_p=0.0)
+from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
+from mlx_step35.sampling import Sampler
+
+DEFAULTS = dict(asdict(Sampler()), max_tokens=MAX_TOKENS)  # the package's defaults, defined there
 
 
 def main(argv=None):
@@ -52,7 +56,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--num-draft",
-        default="auto",
+        default=NUM_DRAFT,
         choices=["1", "2", "3", "auto"],
         help="tokens drafted per step; auto (default) picks 0-3 each step from the "
         "measured acceptance and step times",

@@ -229,14 +229,7 @@ def graft_mtp(
     index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + writer.total
     new_cfg = dict(tcfg)
     text = text_config(config)
-    for key in (
-        "num_nextn_predict_layers",
-        "layer_types",
-        "partial_rotary_factors",
-        "rope_theta",
-        "swiglu_limits",
-        "swiglu_limits_shared",
-    ):
+    for key in ("num_nextn_predict_layers",) + PER_LAYER_FIELDS:
         if key in text:
             new_cfg[key] = text[key]
     quant = plan.quantization_config(recipe)

@@ -21,6 +21,8 @@ from .speculative import (
 
 PREFILL_STEP = 512
 MAX_DRAFT = 3
+MAX_TOKENS = 256  # defaults of the API, also used by generate.py
+NUM_DRAFT = "auto"
 
 
 @dataclass
@@ -48,11 +50,11 @@ def generate_step(
     model,
     prompt: Sequence[int],
     *,
-    max_tokens: int = 256,
+    max_tokens: int = MAX_TOKENS,
     sampler: Optional[Sampler] = None,
     logits_processors=None,
     draft_mtp: bool = False,
-    num_draft: Union[int, str] = "auto",
+    num_draft: Union[int, str] = NUM_DRAFT,
     prefill_step_size: int = PREFILL_STEP,
     stats: Optional[SpecStats] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
@@ -210,12 +212,12 @@ def stream_generate(
     model,
     tokenizer,
     prompt: Union[str, List[int]],
-    max_tokens: int = 256,
+    max_tokens: int = MAX_TOKENS,
     *,
     sampler: Optional[Sampler] = None,
     logits_processors=None,
     draft_mtp: bool = False,
-    num_draft: Union[int, str] = "auto",
+    num_draft: Union[int, str] = NUM_DRAFT,
     prefill_step_size: int = PREFILL_STEP,
     stop_strings: Sequence[str] = (),
 ) -> Generator[GenerationResponse, None, None]:
@@ -278,7 +280,13 @@ def stream_generate(
 
 
 def generate(
-    model, tokenizer, prompt: Union[str, List[int]], max_tokens: int = 256, *, verbose: bool = False, **kwargs
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    max_tokens: int = MAX_TOKENS,
+    *,
+    verbose: bool = False,
+    **kwargs,
 ) -> str:
     """The generated text; with verbose=True, streams it and prints stats like mlx_lm.generate."""
     text = ""
