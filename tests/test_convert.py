@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from factory import PER_LAYER_FIELDS
 from mlx.utils import tree_flatten
 
 from mlx_step35 import convert, load
@@ -176,13 +177,7 @@ def _drop_mtp(src: Path, dst: Path, edit_config: bool = True) -> Path:
         return dst
     cfg = json.loads((dst / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 0
-    for key in (
-        "layer_types",
-        "partial_rotary_factors",
-        "rope_theta",
-        "swiglu_limits",
-        "swiglu_limits_shared",
-    ):
+    for key in PER_LAYER_FIELDS:
         cfg[key] = cfg[key][:5]
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst

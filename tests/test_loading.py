@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from factory import make_checkpoint
+from factory import PER_LAYER_FIELDS, make_checkpoint
 from mlx.utils import tree_flatten
 
 from mlx_step35 import ConfigError, QuantRecipe, convert, load
@@ -53,13 +53,7 @@ def real_config(n_entries: int = 48) -> dict:
         "swiglu_limits_shared": [16.0 if i in (43, 44) else 0.0 for i in range(48)],
         "eos_token_id": [1, 2, 128007],
     }
-    for key in (
-        "layer_types",
-        "partial_rotary_factors",
-        "rope_theta",
-        "swiglu_limits",
-        "swiglu_limits_shared",
-    ):
+    for key in PER_LAYER_FIELDS:
         cfg[key] = cfg[key][:n_entries]
     return cfg
 
