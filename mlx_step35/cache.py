@@ -43,6 +43,18 @@ class SlidingKVCache:
         self.offset = 0  # absolute position of the next token
         self.stored = 0  # valid entries in the ring (the positions offset-stored .. offset-1)
 
+    def set_slack(self, slack: int):
+        """Change how many tokens can be rewound; the entries held are kept (the newest
+        `window - 1 + slack` of them when shrinking)."""
+        if slack < 1:
+            raise ValueError("slack must be positive")
+        keys, values = self._ordered()
+        self.slack, self.capacity = slack, self.window - 1 + slack
+        self.keys = self.values = None
+        if keys is not None:
+            self.stored = min(self.stored, self.capacity)
+            self._store(keys[:, :, -self.stored :], values[:, :, -self.stored :])
+
     def reset(self, offset: int = 0):
         """Empty the cache; the next token is at position `offset`."""
         self.keys = self.values = None
@@ -90,8 +102,11 @@ class SlidingKVCache:
         self.values = mx.roll(values, shift, axis=2)
 
     def make_mask(self, n: int, window_size=None, return_array: bool = False):
+        in_place = self._in_place(n)
+        if in_place and n == 1 and self.capacity <= self.window and self.stored + n >= self.capacity:
+            return None  # one query, every slot valid and inside its window (plain decoding)
         q = mx.arange(self.offset, self.offset + n)[:, None]
-        if not self._in_place(n):
+        if not in_place:
             k = mx.arange(self.offset - self.stored, self.offset + n)[None]
             return (k <= q) & (q - k < self.window)
         end = self.offset + n  # offset and stored after the update
@@ -137,3 +152,10 @@ def rewind(caches: List, n: int) -> int:
     for c in caches:
         c.trim(n)
     return n
+
+
+def grow_slack(caches: List, slack: int):
+    """Let every sliding cache rewind `slack` tokens (full caches always can)."""
+    for c in caches:
+        if isinstance(c, SlidingKVCache) and c.slack < slack:
+            c.set_slack(slack)

@@ -8,7 +8,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from .cache import rewind
+from .cache import grow_slack, rewind
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
     AutoDraft,
@@ -83,8 +83,8 @@ def generate_step(
             policy = AutoDraft(model.num_mtp, draft_bytes_ratio(model))
         else:
             policy = FixedDraft(min(num_draft, model.num_mtp))
-    slack = (policy.max_depth if policy else 0) + 1
-    cache = model.make_cache(slack=slack)
+    slack = (policy.max_depth if policy else 0) + 1  # tokens a verify step may rewind, plus one
+    cache = model.make_cache(slack=1 if isinstance(policy, AutoDraft) else slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
     with mx.stream(_stream()):
@@ -130,9 +130,13 @@ def _prefill(model, tokens, cache, drafter, step):
     return h
 
 
-def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None):
-    """Plain decoding of `count` tokens after tokens[-1] (verified, not yet through the
-    trunk), pipelined: the next step's graph is built while this one computes."""
+def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, policy=None, stats=None):
+    """Plain decoding of up to `count` tokens after tokens[-1] (verified, not yet through
+    the trunk), pipelined: the next step's graph is built while this one computes.
+    With a policy (--num-draft auto), every `policy.plain_check` tokens it gets their time
+    and is asked for the next depth; it is asked before the next pass is queued, from the
+    tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
+    depth that ended the run, or None when `count` tokens are out."""
     hist = mx.array(tokens[:-1], dtype=mx.int32)
 
     def step(y):
@@ -145,33 +149,52 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None):
 
     nxt = step(mx.array(tokens[-1:], dtype=mx.int32))
     mx.async_eval(nxt)
+    since = last = time.perf_counter()
+    timed = 0  # tokens out since `since`
     for i in range(count):
         y, lp, h = nxt
-        if i + 1 < count:
+        more = i + 1 < count
+        choice = None
+        if more and policy and timed >= policy.plain_check:
+            policy.update_plain(timed, last - since)
+            since, timed = last, 0
+            choice = policy.choose()
+            more = choice == 0
+        if more:
             nxt = step(y)
             mx.async_eval(nxt)
         tok = int(y.item())
+        last = time.perf_counter()
+        timed += 1
         tokens.append(tok)
         if drafter:
             drafter.add_trunk(h)
+        if stats:
+            stats.plain_tokens += 1
         yield tok, lp, False
+        if not more:
+            return choice
 
 
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
     """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
     and verification form one lazy graph, evaluated once when the step is decided."""
     n_out = 0
+    slack = policy.max_depth + 1
+    n = None  # the depth of the next step, when already chosen
     while n_out < max_new:
-        tic = time.perf_counter()
-        n = min(policy.choose(), max_new - n_out - 1)
-        if n == 0 and policy.plain_run:  # a stretch of pipelined plain decoding
-            run = min(policy.plain_run, max_new - n_out)
-            for item in _plain_run(model, tokens, cache, sampler, processors, run, drafter):
-                stats.plain_tokens += 1
-                n_out += 1
-                yield item
-            policy.update_plain(run, time.perf_counter() - tic)
+        n = min(policy.choose() if n is None else n, max_new - n_out - 1)
+        if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
+            start = len(tokens)
+            n = yield from _plain_run(
+                model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
+            )
+            n_out += len(tokens) - start
             continue
+        tic = time.perf_counter()
+        if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
+            grow_slack(cache, slack)
+            slack = 0
         drafts, dists = (
             drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
         )
@@ -195,6 +218,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
         policy.update(n, n_acc, time.perf_counter() - tic)
         stats.record(n, n_acc)
         stats.verify_steps += 1
+        n = None
         new = drafts[:n_acc].tolist() + [nxt]
         tokens.extend(new)
         for i, t in enumerate(new):

@@ -93,6 +93,8 @@ class MTPDrafter:
             self.cache[k - 1].reset(start)
             if k == self.K:
                 self.hidden[k] = None
+        if self.hidden[0] is not None:  # the kept trunk rows, evaluated without a sync, stop
+            mx.async_eval(self.hidden[0])  # holding the graph that joined every earlier row
 
     def _run(self, k: int, toks: mx.array, h_prev: mx.array) -> mx.array:
         """Block k over len(toks) positions (tokens x_{t+k}, rows h_{k-1,t}), in chunks."""
@@ -222,7 +224,7 @@ def draft_bytes_ratio(model) -> Tuple[float, float]:
 class FixedDraft:
     """Always draft `n` tokens."""
 
-    plain_run = 0
+    plain_check = 0  # never decodes plainly
 
     def __init__(self, n: int):
         self.n = self.max_depth = n
@@ -251,13 +253,13 @@ class AutoDraft:
     in a wider pass (from the prompt's prefill) and draft(n) = c(1) times the MTP weight
     bytes that n drafts read over the trunk's per-token bytes. On a bandwidth-bound Mac
     a wider pass costs little and drafting wins; where passes cost per token (a CPU),
-    drafting never pays and this stays with plain decoding, run `plain_run` tokens at a
-    time through the pipelined plain loop (16, doubling up to 256 while plain keeps winning,
-    so the pipeline rarely restarts).
+    drafting never pays and this stays with plain decoding: the pipelined plain loop,
+    with the trunk caches' rewind slack at 1 until the first draft, so it does exactly
+    the work of plain decoding; it reports every `plain_check` tokens (the first two
+    reports measure c(1): warm-up, then a clean figure) and is asked whether to go on.
     """
 
-    plain_run = 16
-    MAX_PLAIN_RUN = 256
+    plain_check = 16
 
     def __init__(
         self,
@@ -276,7 +278,7 @@ class AutoDraft:
         self.seen = [0] * (max_depth + 1)
         self.c1 = None  # seconds per plain token
         self.prefill = None  # (tokens, seconds)
-        self.plain_runs = 0
+        self.plain_reports = 0
 
     def acceptance(self, j: int) -> float:
         return (self.hits[j] + self.prior * self.prior_weight) / (self.tries[j] + self.prior_weight)
@@ -299,28 +301,23 @@ class AutoDraft:
         return self.c1 + n * batch + draft
 
     def choose(self) -> int:
-        if self.c1 is None or self.plain_runs < 2:
-            return 0  # measure plain decoding first (the first run also warms up)
+        if self.c1 is None or self.plain_reports < 2:
+            return 0  # measure plain decoding first (the first report includes warm-up)
         rates = [self.expected_tokens(n) / self.cost(n) for n in range(self.K + 1)]
-        if all((n + 1) / self.cost(n) <= rates[0] for n in range(1, self.K + 1)):
-            self.plain_run = self.MAX_PLAIN_RUN  # even all-accepted drafts would not pay
         return max(range(self.K + 1), key=rates.__getitem__)
 
     def observe_prefill(self, tokens: int, seconds: float):
         self.prefill = (tokens, seconds)
 
     def update_plain(self, tokens: int, seconds: float):
-        self.plain_runs += 1
-        if self.plain_runs > 2:  # past the two measuring runs
-            self.plain_run = min(2 * self.plain_run, self.MAX_PLAIN_RUN)
-        if self.plain_runs > 1 or self.c1 is None:
-            self._ema_c1(seconds / tokens)
-
-    def _ema_c1(self, t: float):
-        self.c1 = t if self.c1 is None or self.plain_runs <= 2 else (1 - self.ema) * self.c1 + self.ema * t
+        self.plain_reports += 1
+        t = seconds / tokens
+        if self.c1 is None or self.plain_reports == 2:
+            self.c1 = t
+        elif self.plain_reports > 2:
+            self.c1 = (1 - self.ema) * self.c1 + self.ema * t
 
     def update(self, n: int, n_accepted: int, seconds: float):
-        self.plain_run = type(self).plain_run
         for j in range(1, min(n, n_accepted + 1) + 1):
             self.tries[j] += 1
             self.hits[j] += j <= n_accepted

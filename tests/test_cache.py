@@ -60,7 +60,8 @@ def _step(cache, ref, rng, n):
     out = mx.fast.scaled_dot_product_attention(mx.array(q), keys, values, scale=D**-0.5, mask=mask)
     np.testing.assert_allclose(np.array(out), ref.attend(q, D**-0.5), atol=2e-5, rtol=1e-4)
     # the mask selects exactly the reference's window: count the visible keys per query
-    visible = np.array(mask).sum(-1)  # [n]
+    # (no mask: every key returned is visible)
+    visible = np.full(n, keys.shape[2]) if mask is None else np.array(mask).sum(-1)  # [n]
     T = len(ref.keys)
     want = [min(T - n + i + 1, ref.window) for i in range(n)]
     assert list(visible) == want
@@ -85,6 +86,32 @@ def test_sliding_cache_random_updates_and_rewinds(window, slack, seed):
         else:
             _step(cache, ref, rng, int(rng.integers(slack + 1, 3 * window)))  # a prefill-sized chunk
     assert trims > 10 and wrapped_trims > 5  # the sequence really rewound past the wrap point
+
+
+@pytest.mark.parametrize("window,seed", [(5, 0), (8, 1)])
+def test_sliding_cache_slack_changes_keep_entries(window, seed):
+    """Growing the slack (--num-draft auto starts drafting) or shrinking it keeps the
+    entries; rewinds up to the new slack stay exact, including after the wrap."""
+    rng = np.random.default_rng(seed)
+    cache, ref = SlidingKVCache(window, 1), ReferenceWindow(window, 1)
+    changes = trims = 0
+    for _ in range(200):
+        r = rng.random()
+        if r < 0.1:
+            slack = int(rng.integers(1, 6))
+            cache.set_slack(slack)
+            ref.slack, ref.kept = slack, min(ref.kept, window - 1 + slack)
+            changes += 1
+        elif r < 0.35 and ref.recoverable > 0:
+            n = int(rng.integers(1, min(ref.recoverable, cache.slack) + 1))
+            assert cache.trim(n) == n
+            ref.trim(n)
+            trims += 1
+        elif r < 0.9:
+            _step(cache, ref, rng, int(rng.integers(1, cache.slack + 1)))
+        else:
+            _step(cache, ref, rng, int(rng.integers(cache.slack + 1, 3 * window)))
+    assert changes > 5 and trims > 10
 
 
 @pytest.mark.parametrize("window,slack", [(5, 3), (8, 2)])

@@ -84,8 +84,7 @@ def test_auto_switching_depths_and_plain_runs_is_lossless(which, request, monkey
     model = request.getfixturevalue(which)
     script = iter([0, 3, 1, 0, 2, 3, 1, 1, 0, 3, 2] * 20)
     monkeypatch.setattr(AutoDraft, "choose", lambda self: next(script))
-    monkeypatch.setattr(AutoDraft, "plain_run", 5)
-    monkeypatch.setattr(AutoDraft, "MAX_PLAIN_RUN", 5)
+    monkeypatch.setattr(AutoDraft, "plain_check", 5)
     stats = SpecStats()
     plain = tokens_of(model, PROMPT, max_tokens=GEN)
     assert tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats) == plain
@@ -98,7 +97,7 @@ def test_auto_drafts_when_wider_passes_are_cheap(mixed_model, monkeypatch):
     from mlx_step35.speculative import AutoDraft
 
     base = AutoDraft(3, (0.05, 0.05))
-    base.c1, base.plain_runs, base.prefill = 0.01, 2, (100, 0.02)  # prefill: 0.1 ms per extra token
+    base.c1, base.plain_reports, base.prefill = 0.01, 2, (100, 0.02)  # prefill: 0.1 ms per extra token
     assert base.choose() >= 2
     base.prefill = (100, 1.0)  # a wider pass costs a full plain step per token
     assert base.choose() == 0
@@ -107,6 +106,54 @@ def test_auto_drafts_when_wider_passes_are_cheap(mixed_model, monkeypatch):
     plain = tokens_of(mixed_model, PROMPT, max_tokens=GEN)
     assert tokens_of(mixed_model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats) == plain
     assert stats.verify_steps > 5 and stats.drafted[0] > 5
+
+
+def test_auto_without_drafts_does_the_work_of_plain_decoding(mixed_model, monkeypatch):
+    """Where drafting cannot pay (passes cost per token, as on this CPU), auto is one
+    uninterrupted pipelined plain loop over trunk caches with plain decoding's slack of 1
+    (so one query needs no mask), consulting the policy every 16 tokens."""
+    from mlx_step35 import generation
+    from mlx_step35.cache import SlidingKVCache
+    from mlx_step35.speculative import AutoDraft
+
+    monkeypatch.setattr(AutoDraft, "cost", lambda self, n: 0.01 * (1 + n))
+    runs, caches, choices = [], [], []
+    original_run, original_cache, original_choose = generation._plain_run, Model.make_cache, AutoDraft.choose
+
+    def run_spy(*args, **kw):
+        runs.append(args[5])  # count
+        return (yield from original_run(*args, **kw))
+
+    monkeypatch.setattr(generation, "_plain_run", run_spy)
+    monkeypatch.setattr(Model, "make_cache", lambda self, slack: caches.append(original_cache(self, slack)) or caches[-1])
+    monkeypatch.setattr(AutoDraft, "choose", lambda self: choices.append(original_choose(self)) or choices[-1])
+    stats = SpecStats()
+    out = tokens_of(mixed_model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats)
+    assert runs == [GEN - 1] and stats.plain_tokens == GEN - 1 and stats.verify_steps == 0
+    assert choices == [0] * (1 + (GEN - 2) // AutoDraft.plain_check)
+    sliding = [c for c in caches[0] if isinstance(c, SlidingKVCache)]
+    assert sliding and all(c.slack == 1 and c.make_mask(1) is None for c in sliding)
+    assert out == tokens_of(mixed_model, PROMPT, max_tokens=GEN)
+
+
+def test_long_plain_stretch_keeps_bounded_trunk_rows(random_model):
+    """Plain decoding under auto hands every trunk row to the drafter; with sliding MTP
+    blocks only the last 2 * horizon rows may stay alive, however long the stretch."""
+    drafter = MTPDrafter(random_model, slack=4)
+    H = random_model.args.hidden_size
+    rows = 4 * drafter.horizon
+
+    def feed(n):
+        for _ in range(n):
+            h = mx.random.normal((1, 1, H))
+            mx.eval(h)
+            drafter.add_trunk(h)
+
+    feed(rows)  # past the first skip-ahead
+    before = mx.get_active_memory()
+    feed(25 * rows)
+    grown = mx.get_active_memory() - before
+    assert grown < 2 * drafter.horizon * H * 4, grown  # well below the 25 * rows fed
 
 
 def drafts_vs_teacher_forced(model, monkeypatch, **kw):
@@ -147,8 +194,7 @@ def test_drafts_exact_after_long_plain_stretches(which, request, monkeypatch):
     # one plain token per choice, so that drafts come right after a skip (the tight case)
     script = iter(([3] + [0] * 25 + [2] + [0] * 44 + [3] + [0] * 47 + [3, 1] + [0] * 60) * 3)
     monkeypatch.setattr(AutoDraft, "choose", lambda self: next(script))
-    monkeypatch.setattr(AutoDraft, "plain_run", 1)
-    monkeypatch.setattr(AutoDraft, "MAX_PLAIN_RUN", 1)
+    monkeypatch.setattr(AutoDraft, "plain_check", 1)
     skips = []
     original = MTPDrafter._skip_ahead
     monkeypatch.setattr(
