@@ -125,8 +125,12 @@ def test_auto_without_drafts_does_the_work_of_plain_decoding(mixed_model, monkey
         return (yield from original_run(*args, **kw))
 
     monkeypatch.setattr(generation, "_plain_run", run_spy)
-    monkeypatch.setattr(Model, "make_cache", lambda self, slack: caches.append(original_cache(self, slack)) or caches[-1])
-    monkeypatch.setattr(AutoDraft, "choose", lambda self: choices.append(original_choose(self)) or choices[-1])
+    monkeypatch.setattr(
+        Model, "make_cache", lambda self, slack: caches.append(original_cache(self, slack)) or caches[-1]
+    )
+    monkeypatch.setattr(
+        AutoDraft, "choose", lambda self: choices.append(original_choose(self)) or choices[-1]
+    )
     stats = SpecStats()
     out = tokens_of(mixed_model, PROMPT, max_tokens=GEN, draft_mtp=True, stats=stats)
     assert runs == [GEN - 1] and stats.plain_tokens == GEN - 1 and stats.verify_steps == 0
