@@ -3,22 +3,26 @@
 For plain decoding, --num-draft 1/2/3 and auto: accepted tokens per verify step, acceptance
 per depth, trunk forward passes per generated token, and decode speed relative to plain
 decoding. Every (prompt, round) runs all modes back to back in rotating order; the
-speed ratio is taken within that group, then the median over groups is reported.
+speed ratio is taken within that group, then the median over groups is reported with a
+95% bootstrap interval. Mode `plain-again` is plain decoding once more: an A/A control
+that shows how far apart two identical runs land on this machine.
 
-    python benchmarks/speculative.py [--rounds 3] [--gen-tokens 128] [--model PATH] [--modes plain,1,2,3,auto]
+    python benchmarks/speculative.py [--rounds 3] [--gen-tokens 128] [--model PATH]
+        [--modes plain,1,2,3,auto] (or plain-again,auto)
 """
 
 import argparse
 import time
 
 import mlx.core as mx
+import numpy as np
 from common import PROMPTS, demo_model, median
 
 from mlx_step35 import load, make_sampler
 from mlx_step35.generation import build_prompt, generate_step
 from mlx_step35.speculative import SpecStats
 
-ALL_MODES = [("plain", None), ("1", 1), ("2", 2), ("3", 3), ("auto", "auto")]
+ALL_MODES = [("plain", None), ("plain-again", None), ("1", 1), ("2", 2), ("3", 3), ("auto", "auto")]
 MODES = ALL_MODES
 
 
@@ -58,21 +62,31 @@ def bench(model, tokenizer, sampler, rounds, n_gen):
     return speed, ratio, agg, tokens
 
 
+def interval(xs, reps=2000, seed=0):
+    """95% bootstrap interval of the median."""
+    xs = np.asarray(xs)
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(xs, size=(reps, len(xs))), axis=1)
+    return np.percentile(meds, 2.5), np.percentile(meds, 97.5)
+
+
 def table(label, speed, ratio, agg, tokens):
     print(f"\n{label}\n")
     print(
-        "| mode | decode tok/s (median) | speed vs plain (median ratio) | tokens per trunk pass | "
+        "| mode | decode tok/s (median) | speed vs plain (median ratio) | 95% interval | tokens per trunk pass | "
         "trunk passes per token | steps drafting / plain | acceptance by depth |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, _ in MODES:
         a = agg[name]
-        passes = a.verify_steps + a.plain_tokens if name != "plain" else tokens[name]
+        plain = a.verify_steps + a.plain_tokens == 0
+        passes = tokens[name] if plain else a.verify_steps + a.plain_tokens
         per_pass = tokens[name] / passes
         acc = ", ".join(f"{x:.0%}" for x in a.acceptance) or "-"
-        mix = f"{a.verify_steps} / {a.plain_tokens if name != 'plain' else passes}"
+        mix = f"{a.verify_steps} / {passes if plain else a.plain_tokens}"
+        lo, hi = interval(ratio[name])
         print(
-            f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {per_pass:.2f} | "
+            f"| {name} | {median(speed[name]):.1f} | {median(ratio[name]):.3f} | {lo:.3f}-{hi:.3f} | {per_pass:.2f} | "
             f"{1 / per_pass:.3f} | {mix} | {acc} |"
         )
 
@@ -83,7 +97,9 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--model", default=None, help="default: the bundled demo model")
     ap.add_argument(
-        "--modes", default="plain,1,2,3,auto", help="comma-separated subset (plain is always run)"
+        "--modes",
+        default="plain,plain-again,1,2,3,auto",
+        help="comma-separated subset (plain is always run)",
     )
     a = ap.parse_args()
     global MODES
