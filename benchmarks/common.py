@@ -59,6 +59,15 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def interval(xs, reps=2000, seed=0):
+    """95% bootstrap interval of the median of xs."""
+    import numpy as np
+
+    xs = np.asarray(xs)
+    meds = np.median(np.random.default_rng(seed).choice(xs, size=(reps, len(xs))), axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
 class Timer:
     def __enter__(self):
         self.t = time.perf_counter()

@@ -1,6 +1,8 @@
 """Benchmark 1: plain decoding and prefill tokens/s, this project vs stock mlx-lm step3p5,
-on identical weights (our 4-bit conversion loads in both). Runs are interleaved
-(A B B A ...) and medians reported, so the ratio holds on a noisy machine.
+on identical weights (our 4-bit conversion loads in both). Each round runs mlx_step35,
+mlx-lm and mlx_step35 once more (an A/A control: how far two identical runs land apart on
+this machine) in rotating order; the ratios vs mlx-lm are taken within the round, and their
+median over rounds is reported with a 95% bootstrap interval.
 
     python benchmarks/decode_vs_mlx_lm.py [--rounds 7] [--prompt-tokens 256] [--gen-tokens 64] [--models demo,large]
 """
@@ -10,7 +12,7 @@ import time
 
 import mlx.core as mx
 import mlx_lm
-from common import demo_model, large_checkpoint, median
+from common import demo_model, interval, large_checkpoint, median
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
@@ -41,16 +43,30 @@ def bench(path, rounds, n_prompt, n_gen):
         "mlx_step35": lambda: generate_step(ours, prompt, max_tokens=n_gen),
         "mlx-lm": lambda: mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=n_gen, sampler=greedy),
     }
+    impls["mlx_step35 again"] = impls["mlx_step35"]
     for name, fn in impls.items():  # warm-up (compilation), not timed
         run(fn, n_prompt, 8)
-    res = {k: ([], []) for k in impls}
+    speeds = {k: [] for k in impls}  # per round: (prefill, decode)
     order = list(impls)
     for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            p, d = run(impls[name], n_prompt, n_gen)
-            res[name][0].append(p)
-            res[name][1].append(d)
-    return {k: (median(v[0]), median(v[1])) for k, v in res.items()}
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            speeds[name].append(run(impls[name], n_prompt, n_gen))
+    out = {}
+    for name, runs in speeds.items():
+        out[name] = [
+            (
+                median([x[i] for x in runs]),
+                [x[i] / y[i] for x, y in zip(runs, speeds["mlx-lm"])],
+            )
+            for i in (0, 1)
+        ]
+    return out
+
+
+def cell(ratios):
+    lo, hi = interval(ratios)
+    return f"{median(ratios):.3f} ({lo:.3f}-{hi:.3f})"
 
 
 def main():
@@ -60,15 +76,16 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--models", default="demo,large", help="comma-separated: demo, large")
     a = ap.parse_args()
-    print("| model | impl | prefill tok/s | decode tok/s | ratio prefill | ratio decode |")
+    print(
+        "| model | impl | prefill tok/s | decode tok/s | prefill vs mlx-lm (95% interval) | "
+        "decode vs mlx-lm (95% interval) |"
+    )
     print("|---|---|---|---|---|---|")
     models = {"demo": ("demo (bundled)", demo_model), "large": ("random 8L h512 E32 4-bit", large_checkpoint)}
     for key in a.models.split(","):
         label, path = models[key][0], models[key][1]()
-        r = bench(path, a.rounds, a.prompt_tokens, a.gen_tokens)
-        (po, do), (pl, dl) = r["mlx_step35"], r["mlx-lm"]
-        print(f"| {label} | mlx_step35 | {po:.1f} | {do:.1f} | {po / pl:.3f} | {do / dl:.3f} |")
-        print(f"| {label} | mlx-lm | {pl:.1f} | {dl:.1f} | 1 | 1 |")
+        for name, ((p, pr), (d, dr)) in bench(path, a.rounds, a.prompt_tokens, a.gen_tokens).items():
+            print(f"| {label} | {name} | {p:.1f} | {d:.1f} | {cell(pr)} | {cell(dr)} |")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import argparse
 import time
 
 import mlx.core as mx
-import numpy as np
-from common import PROMPTS, demo_model, median
+from common import PROMPTS, demo_model, interval, median
 
 from mlx_step35 import load, make_sampler
+from mlx_step35.cache import rewind
 from mlx_step35.generation import build_prompt, generate_step
 from mlx_step35.speculative import SpecStats
 
@@ -62,12 +62,23 @@ def bench(model, tokenizer, sampler, rounds, n_gen):
     return speed, ratio, agg, tokens
 
 
-def interval(xs, reps=2000, seed=0):
-    """95% bootstrap interval of the median."""
-    xs = np.asarray(xs)
-    rng = np.random.default_rng(seed)
-    meds = np.median(rng.choice(xs, size=(reps, len(xs))), axis=1)
-    return np.percentile(meds, 2.5), np.percentile(meds, 97.5)
+def pass_cost(model, tokenizer, reps=30):
+    """Median seconds of one trunk pass (hidden states + logits, evaluated) over m = 1..4
+    tokens after a 64-token context: what a verify step at depth m-1 costs in the trunk."""
+    prompt = build_prompt(tokenizer, PROMPTS[0], chat_template=False)
+    ctx = mx.array((prompt * 64)[:64], dtype=mx.int32)[None]
+    cache = model.make_cache(slack=4)
+    mx.eval(model.hidden(ctx, cache))
+    out = {}
+    for m in range(1, 5):
+        times = []
+        for _ in range(reps + 3):
+            tic = time.perf_counter()
+            mx.eval(model.logits(model.hidden(ctx[:, :m], cache)))
+            times.append(time.perf_counter() - tic)
+            rewind(cache, m)
+        out[m] = median(times[3:])
+    return out
 
 
 def table(label, speed, ratio, agg, tokens):
@@ -109,6 +120,11 @@ def main():
     print(
         f"model: {a.model or 'bundled demo'}; {len(PROMPTS)} prompts x {a.rounds} rounds, "
         f"{a.gen_tokens} tokens each"
+    )
+    cost = pass_cost(model, tokenizer)
+    print(
+        "trunk pass over m tokens (not pipelined; median ms, and x the 1-token pass): "
+        + ", ".join(f"m={m}: {t * 1e3:.1f} ({t / cost[1]:.2f}x)" for m, t in cost.items())
     )
     for label, sampler in (
         ("greedy", make_sampler()),
