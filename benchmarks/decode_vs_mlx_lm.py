@@ -52,16 +52,11 @@ def bench(path, rounds, n_prompt, n_gen):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             speeds[name].append(run(impls[name], n_prompt, n_gen))
-    out = {}
-    for name, runs in speeds.items():
-        out[name] = [
-            (
-                median([x[i] for x in runs]),
-                [x[i] / y[i] for x, y in zip(runs, speeds["mlx-lm"])],
-            )
-            for i in (0, 1)
-        ]
-    return out
+    base = speeds["mlx-lm"]
+    return {  # name: per (prefill, decode): (median tok/s, per-round ratios vs mlx-lm)
+        name: [(median([x[i] for x in runs]), [x[i] / y[i] for x, y in zip(runs, base)]) for i in (0, 1)]
+        for name, runs in speeds.items()
+    }
 
 
 def cell(ratios):
