@@ -87,7 +87,7 @@ def generate_step(
     cache = model.make_cache(slack=1 if isinstance(policy, AutoDraft) else slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
-    with mx.stream(_stream()):
+    with mx.stream(generation_stream):
         tic = time.perf_counter()
         h = _prefill(model, tokens, cache, drafter, prefill_step_size)
         logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
@@ -104,13 +104,8 @@ def generate_step(
         )
 
 
-_STREAM = []
-
-
-def _stream():
-    if not _STREAM:  # one generation stream, as mlx-lm uses, created on first use
-        _STREAM.append(mx.new_stream(mx.default_device()))
-    return _STREAM[0]
+# One generation stream per thread, as mlx-lm: MLX streams belong to the thread that made them.
+generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
 def _prefill(model, tokens, cache, drafter, step):

@@ -116,5 +116,8 @@ def load(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
     model.eval()
+    # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
+    # would later be computed on the loading thread's stream, which another thread cannot use.
+    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
     tokenizer = load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
     return model, tokenizer
