@@ -5,7 +5,10 @@ from dataclasses import asdict
 from mlx_step35.cli import ArgumentParser, user_errors
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
 from mlx_step35.sampling import Sampler
+from mlx_step35.weights import QuantRecipe
 
+R = QuantRecipe()
+TEMPLATE_TOKENS = 64  # allowance for the chat template's tokens in the pre-flight's context
 DEFAULTS = dict(asdict(Sampler()), max_tokens=MAX_TOKENS)  # the package's defaults, defined there
 
 
@@ -56,13 +59,25 @@ def main(argv=None):
     )
     p.add_argument(
         "--num-draft",
-        default=NUM_DRAFT,
+        default=None,
         choices=["1", "2", "3", "auto"],
-        help="tokens drafted per step; auto (default) picks 0-3 each step from the "
-        "measured acceptance and step times",
+        help=f"tokens drafted per step (giving it implies --draft-mtp); {NUM_DRAFT} (default) picks 0-3 "
+        "each step from the measured acceptance and step times",
     )
     p.add_argument(
         "--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit"
+    )
+    p.add_argument(
+        "--q-bits",
+        type=int,
+        default=R.bits,
+        choices=[2, 3, 4, 5, 6, 8],
+        help=f"HF checkpoints only: bits of the bulk of the weights when quantizing (default {R.bits})",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="load even when the memory pre-flight says the model cannot fit in this machine's memory",
     )
     p.add_argument(
         "--dtype",
@@ -75,22 +90,60 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    a.draft_mtp = a.draft_mtp or a.num_draft is not None
+    a.num_draft = a.num_draft or NUM_DRAFT
     with user_errors(p.prog):
         run(a)
 
 
+def check_memory(a, text: str) -> int:
+    """Print the memory pre-flight when the model does not fit (or with --verbose); exit 2
+    when it cannot fit at all, unless --force. Returns the context it budgeted for."""
+    import sys
+
+    from mlx_step35.loading import preflight
+
+    # An upper bound on the prompt's tokens (a token covers at least one byte), before any tokenizer.
+    context = len(text.encode()) + len((a.system or "").encode()) + TEMPLATE_TOKENS + a.max_tokens
+    report = preflight(
+        a.model,
+        quantize=not a.no_quantize,
+        q_bits=a.q_bits,
+        dtype=a.dtype,
+        context=context,
+        draft=a.draft_mtp,
+    )
+    if a.verbose or not report.ok:
+        print(report.text(), file=sys.stderr)
+    if report.refuse and not a.force:
+        print(
+            "generate.py: error: the model cannot fit in this machine's memory (see above); "
+            "--force loads anyway",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return context
+
+
 def run(a):
     import sys
+    import warnings
 
     import mlx.core as mx
 
     from mlx_step35 import load, make_logits_processors, make_sampler, stream_generate
     from mlx_step35.generation import build_prompt, format_stats
+    from mlx_step35.memory import MemoryWarning
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
+    context = check_memory(a, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryWarning)  # check_memory printed it
+        model, tokenizer = load(
+            a.model, quantize=not a.no_quantize, q_bits=a.q_bits, dtype=a.dtype, context=context, force=True
+        )
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
     if a.verbose:
         print(tokenizer.decode(prompt), end="")

@@ -9,6 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .memory import DECODE_CLEAR_EVERY, wired_limit
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
     AutoDraft,
@@ -87,7 +88,8 @@ def generate_step(
     cache = model.make_cache(slack=1 if isinstance(policy, AutoDraft) else slack)
     drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
     tokens = [int(t) for t in prompt]
-    with mx.stream(generation_stream):
+    # Weights stay wired while generating (on Metal); restored when the generator ends or is closed.
+    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
         tic = time.perf_counter()
         h = _prefill(model, tokens, cache, drafter, prefill_step_size)
         logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
@@ -97,11 +99,15 @@ def generate_step(
             policy.observe_prefill(len(prompt), time.perf_counter() - tic)
         yield tok, logprobs[0], False
         if policy is None:
-            yield from _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1)
-            return
-        yield from _speculative(
-            model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
-        )
+            rest = _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1)
+        else:
+            rest = _speculative(
+                model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
+            )
+        for n, out in enumerate(rest, start=2):
+            yield out
+            if n % DECODE_CLEAR_EVERY == 0:  # keep MLX's buffer cache from growing on top of the model
+                mx.clear_cache()
 
 
 # One generation stream per thread, as mlx-lm: MLX streams belong to the thread that made them.
@@ -116,12 +122,14 @@ def _prefill(model, tokens, cache, drafter, step):
         for s in range(0, len(tokens) - 1, step):
             model.hidden(mx.array([tokens[s : min(s + step, len(tokens) - 1)]]), cache)
             mx.eval([(c.keys, c.values) for c in cache])
+            mx.clear_cache()  # free the chunk's activations now, as mlx-lm does
         return model.hidden(mx.array([tokens[-1:]]), cache)
     for s in range(0, len(tokens), step):
         h = model.hidden(mx.array([tokens[s : s + step]]), cache)
         drafter.add_trunk(h)
         drafter.commit(tokens)
         mx.eval(h)
+        mx.clear_cache()
     return h
 
 

@@ -10,6 +10,15 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
+from .memory import (
+    Device,
+    InsufficientMemoryError,
+    MemoryWarning,
+    Preflight,
+    assess,
+    estimate,
+    recipe_weights,
+)
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -26,6 +35,7 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 DEMO_MODEL = Path(__file__).parent / "demo"
+CONTEXT = 32768  # tokens of context the pre-flight of load() budgets KV cache for
 
 
 def resolve_path(path_or_repo: Union[str, Path, None]) -> Path:
@@ -83,6 +93,46 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
     return model, args, config, keys, plan
 
 
+def preflight(
+    path: Union[str, Path, None] = None,
+    *,
+    quantize: Union[bool, QuantRecipe] = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Union[str, mx.Dtype, None] = None,
+    mtp: bool = True,
+    context: int = CONTEXT,
+    draft: Optional[bool] = None,
+    expert_cache_gb: Optional[float] = None,
+    device: Optional[Device] = None,
+) -> Preflight:
+    """Whether loading `path` as `load()` would (same arguments) and generating `context`
+    tokens fits this machine, from the config and the index alone; see `memory.assess`.
+    `draft` (default: when the MTP blocks load) adds their KV caches."""
+    path = resolve_path(path)
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    model, args, config, _, _ = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    return _assess(model, args, config, recipe, dtype, context, draft, expert_cache_gb, device)
+
+
+def _assess(model, args, config, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
+    dt = parse_dtype(dtype) or DTYPES.get(config.get("torch_dtype"), mx.bfloat16)
+    draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
+    needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
+    device = device or Device.current()
+    if needs.total <= (device.recommended or device.memory):
+        return assess(needs, device)
+    stored = config.get("quantization") or {}  # a conversion: its own bits
+    group = stored.get("group_size") or (recipe.group_size if recipe else 64)
+    bits = stored.get("bits") or (recipe.bits if recipe else 16)
+    smaller = {  # offered as a fix: lower --q-bits (for a conversion: reconverting)
+        b: recipe_weights(args, QuantRecipe(bits=b, group_size=group), mtp=bool(model.mtp), dtype=dt)["total"]
+        for b in (3, 4, 6, 8)
+        if b < bits
+    }
+    return assess(needs, device, smaller)
+
+
 def load(
     path: Union[str, Path, None] = None,
     *,
@@ -91,6 +141,8 @@ def load(
     q_group_size: int = 64,
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
+    context: int = CONTEXT,
+    force: bool = False,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a Step-3.5/3.7-Flash model and its tokenizer.
 
@@ -100,11 +152,20 @@ def load(
     (`quantize=False` keeps `dtype`, default bfloat16). A conversion loads as it was
     converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
+
+    Before reading any weight, a memory pre-flight (see `preflight`) for `context` tokens
+    warns (MemoryWarning) when the model does not fit the GPU's working set, naming the fix,
+    and raises InsufficientMemoryError when it needs more than the machine's memory, unless
+    `force`.
     """
     path = resolve_path(path)
-    model, args, _, keys, plan = build(
-        path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
-    )
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    report = _assess(model, args, config, recipe, dtype, context, None, None, None)
+    if report.refuse and not force:
+        raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
+    if not report.ok:
+        warnings.warn(report.text(), MemoryWarning, stacklevel=2)
     seen = set()
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp):
         if name in seen:

@@ -1,0 +1,349 @@
+"""Mac memory hygiene, tested by standing in for Metal: `mx.device_info`, `mx.set_wired_limit`
+and `mx.clear_cache` answer (and count) the way a Mac does. The pre-flight's numbers for the
+real model are checked against byte counts written here from the facts sheet."""
+
+import json
+import math
+import sys
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_step35 import generation as gen_mod
+from mlx_step35 import load, stream_generate
+from mlx_step35.generation import generate_step
+from mlx_step35.loading import preflight
+from mlx_step35.memory import Device, InsufficientMemoryError, MemoryWarning, wired_limit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import generate as generate_cli  # noqa: E402
+
+GIB = 1 << 30
+PROMPT = [5, 9, 17, 3, 12, 40, 7, 8, 21, 30, 2]
+
+
+class FakeMac:
+    """What MLX on a Mac answers: memory, the recommended working set, the wired limit."""
+
+    def __init__(self, memory=128 * GIB, recommended=96 * GIB):
+        self.memory, self.recommended = memory, recommended
+        self.limit = 0  # 0: macOS's default
+        self.limits = []  # every value set
+        self.clears = 0
+
+    def device_info(self):
+        return {
+            "architecture": "applegpu_g16s",
+            "device_name": "Apple M4 Max",
+            "memory_size": self.memory,
+            "max_recommended_working_set_size": self.recommended,
+        }
+
+    def set_wired_limit(self, n):
+        old, self.limit = self.limit, n
+        self.limits.append(n)
+        return old
+
+    def clear_cache(self):
+        self.clears += 1
+
+
+@pytest.fixture
+def mac(monkeypatch):
+    fake = FakeMac()
+    for name in ("device_info", "set_wired_limit", "clear_cache"):
+        monkeypatch.setattr(mx, name, getattr(fake, name))
+    return fake
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load(tiny_ckpt, quantize=False, dtype="float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Wired limit
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_wired_limit_raised_while_generating_and_restored(mac, model, draft):
+    seen = [mac.limit for _ in generate_step(model[0], PROMPT, max_tokens=6, draft_mtp=draft, num_draft=2)]
+    assert seen == [mac.recommended] * 6
+    assert mac.limit == 0 and mac.limits == [mac.recommended, 0]
+
+
+def test_wired_limit_restored_when_generation_is_closed_early(mac, model):
+    gen = generate_step(model[0], PROMPT, max_tokens=50, draft_mtp=True, num_draft=3)
+    next(gen), next(gen)
+    assert mac.limit == mac.recommended
+    gen.close()
+    assert mac.limit == 0
+    stream = stream_generate(*model, PROMPT, 40, draft_mtp=True)
+    next(stream)
+    assert mac.limit == mac.recommended
+    stream.close()
+    assert mac.limit == 0
+
+
+def test_wired_limit_restored_when_generation_raises(mac, model):
+    calls = []
+
+    def failing(tokens, logits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return logits
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(generate_step(model[0], PROMPT, max_tokens=10, logits_processors=[failing]))
+    assert mac.limit == 0 and mac.limits == [mac.recommended, 0]
+
+
+def test_wired_limit_held_by_a_server_across_generations_and_threads(mac, model):
+    with wired_limit(model[0]):  # a server holds it for its whole life
+        assert mac.limit == mac.recommended
+        threads = [
+            threading.Thread(target=lambda: list(generate_step(model[0], PROMPT, max_tokens=5)))
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        list(generate_step(model[0], PROMPT, max_tokens=3))
+        assert mac.limit == mac.recommended  # not restored by a generation ending inside
+    assert mac.limit == 0 and mac.limits == [mac.recommended, 0]
+
+
+def test_wired_limit_warns_when_model_is_close_to_the_working_set(mac, model):
+    mac.recommended = 1000  # bytes: far below the tiny model
+    with pytest.warns(MemoryWarning, match=r"sudo sysctl iogpu\.wired_limit_mb="):
+        with wired_limit(model[0]):
+            pass
+
+
+def test_cpu_backend_leaves_the_wired_limit_alone(monkeypatch, model):
+    limits = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"architecture": "x86_64", "device_name": "cpu"})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or 0)
+    assert len(list(generate_step(model[0], PROMPT, max_tokens=4))) == 4
+    assert limits == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffer cache
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_long_prefill_clears_the_cache_between_chunks(mac, model, draft):
+    prompt = (PROMPT * 4)[:40]
+    gen = generate_step(model[0], prompt, max_tokens=2, prefill_step_size=8, draft_mtp=draft, num_draft=1)
+    next(gen)
+    # Without a drafter the last prompt token is left for the first step (39 tokens: 5 chunks).
+    assert mac.clears == math.ceil((40 if draft else 39) / 8)
+    gen.close()
+
+
+@pytest.mark.parametrize("num_draft", [None, 3, "auto"])
+def test_decoding_clears_the_cache_every_few_hundred_tokens(mac, model, monkeypatch, num_draft):
+    monkeypatch.setattr(gen_mod, "DECODE_CLEAR_EVERY", 16)
+    assert gen_mod.DECODE_CLEAR_EVERY < 256 < 1000  # mlx-lm clears every 256 decoded tokens
+    kw = dict(draft_mtp=True, num_draft=num_draft) if num_draft else {}
+    counts = []
+    for _ in generate_step(model[0], PROMPT, max_tokens=50, prefill_step_size=64, **kw):
+        counts.append(mac.clears)
+    prefill = counts[0]
+    assert prefill == 1  # one chunk
+    # After the 16th, 32nd and 48th token.
+    assert [c - prefill for c in counts] == [0] * 16 + [1] * 16 + [2] * 16 + [3] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight of the real model (config and key list written from STEP35_FACTS.md)
+
+H, V, HD, N, NEXTN = 4096, 128896, 128, 45, 3
+
+
+def real_config():
+    return {
+        "model_type": "step3p5",
+        "hidden_size": H,
+        "head_dim": HD,
+        "vocab_size": V,
+        "num_hidden_layers": N,
+        "num_nextn_predict_layers": NEXTN,
+        "intermediate_size": 11264,
+        "num_attention_heads": 64,
+        "num_attention_groups": 8,
+        "sliding_window": 512,
+        "attention_other_setting": {"num_attention_heads": 96, "num_attention_groups": 8, "head_dim": 128},
+        "layer_types": ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(N + NEXTN)],
+        "moe_layers_enum": ",".join(str(i) for i in range(3, N)),
+        "moe_num_experts": 288,
+        "moe_top_k": 8,
+        "moe_intermediate_size": 1280,
+        "share_expert_dim": 1280,
+        "rms_norm_eps": 1e-5,
+        "eos_token_id": [1, 2, 128007],
+    }
+
+
+def real_keys():
+    keys = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for i in range(N + NEXTN):
+        p = f"model.layers.{i}."
+        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        keys += [p + f"self_attn.{x}_proj.weight" for x in "qkvog"]
+        keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        if 3 <= i < N:
+            keys += [p + "moe.gate.weight", p + "moe.router_bias"]
+            keys += [p + f"moe.{x}_proj.weight" for x in ("gate", "up", "down")]
+            keys += [p + f"share_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+        else:
+            keys += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if i >= N:
+            keys += [p + x for x in ("enorm.weight", "hnorm.weight", "eh_proj.weight")]
+            keys += [p + "transformer.shared_head.norm.weight", p + "transformer.shared_head.output.weight"]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def real_index(tmp_path_factory):
+    """The real checkpoint's config and index; the shards are empty placeholders (never read)."""
+    path = tmp_path_factory.mktemp("real")
+    (path / "config.json").write_text(json.dumps(real_config()))
+    keys = real_keys()
+    shards = [f"model-{i:05d}-of-00044.safetensors" for i in range(1, 45)]
+    weight_map = {k: shards[j * len(shards) // len(keys)] for j, k in enumerate(keys)}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for s in shards:
+        (path / s).touch()
+    return path
+
+
+def q(rows, cols, bits):
+    """A quantized matrix: packed bits, and a bf16 scale and bias per group of 64 inputs."""
+    return rows * cols * bits // 8 + 2 * 2 * (rows * cols // 64)
+
+
+def expected_weights(b):
+    """Bytes of the real model with its MTP blocks under the default recipe at `b` bits:
+    router 8-bit, embedding/lm_head/MTP heads 6-bit, norms bf16, router bias fp32."""
+
+    def attention(i):
+        heads = 64 if i % 4 == 0 else 96
+        return q(heads * HD, H, b) + 2 * q(8 * HD, H, b) + q(H, heads * HD, b) + q(heads, H, b) + 2 * HD * 2
+
+    dense = 3 * q(11264, H, b)
+    moe = q(288, H, 8) + 288 * 4 + 3 * 288 * q(1280, H, b) + 3 * q(1280, H, b)
+    total = 2 * q(V, H, 6) + H * 2
+    for i in range(N):
+        total += attention(i) + 2 * H * 2 + (moe if i >= 3 else dense)
+    mtp = NEXTN * (attention(1) + 2 * H * 2 + dense + 3 * H * 2 + q(H, 2 * H, b) + q(V, H, 6))
+    return total + mtp, mtp
+
+
+def expected_kv(context, draft):
+    """bf16 K and V, 8 KV heads of 128: full layers (12) hold the context (allocated in steps of
+    256 as mlx-lm's KVCache does), sliding ones (33, +3 MTP blocks when drafting) the window
+    of 512 plus 3 rewindable tokens."""
+    per_layer_token = 2 * 8 * HD * 2
+    full = math.ceil(context / 256) * 256
+    sliding = 33 + (3 if draft else 0)
+    return per_layer_token * (12 * full + sliding * min(full, 511 + 4))
+
+
+def macos(memory_gib):
+    memory = memory_gib * GIB
+    return Device(memory, memory * 3 // 4)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("memory_gib", [64, 128, 192])
+def test_preflight_of_the_real_model(real_index, bits, memory_gib):
+    context = 32768
+    r = preflight(real_index, q_bits=bits, context=context, device=macos(memory_gib))
+    weights, mtp = expected_weights(bits)
+    assert (r.needs.weights, r.needs.mtp) == (weights, mtp)
+    assert r.needs.kv_cache == expected_kv(context, draft=True)
+    need = weights + expected_kv(context, True) + 4 * GIB  # 4 GiB headroom for the big model
+    assert r.needs.total == need
+    memory, rec = memory_gib * GIB, memory_gib * GIB * 3 // 4
+    if need <= rec:
+        assert r.verdict == "fits" and r.fixes == []
+    elif need - 4 * GIB > memory:
+        assert r.verdict == "cannot-fit" and r.refuse and "cannot fit" in r.text()
+    elif need <= memory - 8 * GIB:
+        assert r.verdict == "raise-wired-limit"
+        assert r.fixes[0] == f"sudo sysctl iogpu.wired_limit_mb={math.ceil(need / GIB) * 1024}"
+    else:
+        assert r.verdict == "tight"
+    for f in r.fixes:
+        assert f in r.text()
+
+
+def test_preflight_facts_and_fixes_on_a_128gb_mac(real_index):
+    """The facts sheet: 4 bits with group 64 is about 110 GB, and a 128 GB Mac must raise
+    iogpu.wired_limit_mb; 3 bits fits as is; 8 bits cannot fit at all."""
+    mac = macos(128)
+    four = preflight(real_index, q_bits=4, device=mac)
+    assert 105e9 < four.needs.weights - four.needs.mtp < 115e9
+    assert four.verdict == "raise-wired-limit" and not four.refuse
+    text = four.text()
+    assert "sudo sysctl iogpu.wired_limit_mb=" in text and "--q-bits 3" in text and "fits as is" in text
+    assert preflight(real_index, q_bits=3, device=mac).ok
+    eight = preflight(real_index, q_bits=8, device=mac)
+    assert eight.refuse and "--q-bits 4" in eight.text()
+    # A context too long for the Mac: the fix names the longest context that fits.
+    long = preflight(real_index, q_bits=3, context=262144, device=mac)
+    assert not long.ok and "a shorter context: at most" in long.text()
+    # Without drafting, the MTP blocks' caches are not counted; trunk only, no MTP weights.
+    plain = preflight(real_index, q_bits=4, mtp=False, device=mac)
+    assert plain.needs.mtp == 0
+    assert plain.needs.kv_cache == expected_kv(32768, draft=False)
+    assert plain.needs.weights == expected_weights(4)[0] - expected_weights(4)[1]
+
+
+def test_load_refuses_what_cannot_fit_and_force_goes_on(tiny_ckpt, mac):
+    mac.memory, mac.recommended = 64 << 10, 48 << 10  # a 64 KiB "Mac": the tiny model cannot fit
+    with pytest.raises(InsufficientMemoryError, match="(?s)cannot fit.*force=True"):
+        load(tiny_ckpt, quantize=False)
+    with pytest.warns(MemoryWarning, match="cannot fit"):
+        m, _ = load(tiny_ckpt, quantize=False, force=True)
+    assert m.args.num_hidden_layers > 0
+
+
+def test_load_warns_with_the_sysctl_when_the_working_set_is_too_small(tiny_ckpt, mac):
+    mac.memory, mac.recommended = 64 << 30, 1 << 10
+    with pytest.warns(MemoryWarning, match=r"sudo sysctl iogpu\.wired_limit_mb=1024"):
+        load(tiny_ckpt, quantize=False)
+
+
+def test_cli_prints_the_preflight_and_refuses_without_force(tiny_ckpt, mac, capsys):
+    mac.memory, mac.recommended = 64 << 10, 48 << 10
+    argv = [
+        "--model",
+        str(tiny_ckpt),
+        "--max-tokens",
+        "3",
+        "--prompt",
+        "hi",
+        "--no-quantize",
+        "--dtype",
+        "float32",
+    ]
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "memory pre-flight" in err and "cannot fit" in err and "--force" in err
+    generate_cli.main(argv + ["--force"])
+    out = capsys.readouterr()
+    assert "Generation: 3 tokens" in out.out and "memory pre-flight" in out.err
+
+
+def test_num_draft_implies_drafting(tiny_ckpt, capsys):
+    generate_cli.main(["--model", str(tiny_ckpt), "--max-tokens", "8", "--prompt", "hi", "--num-draft", "3"])
+    assert "MTP acceptance by depth: 1:" in capsys.readouterr().out
