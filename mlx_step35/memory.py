@@ -128,20 +128,38 @@ class Needs:
         return self.weights + self.kv_cache + self.expert_cache + self.headroom
 
 
-def weight_bytes(model, dtype=mx.bfloat16) -> Dict[str, int]:
+def param_bytes(model, dtype=mx.bfloat16) -> Dict[str, int]:
     """Bytes of every parameter of `model` once loaded, without materialising anything.
     A lazily built model holds float32 stand-ins: they count at `dtype` (the dtype loading
     casts to; quantization scales and biases come out in it too), except what
     `model.cast_predicate` keeps in float32 (the router bias)."""
     keep = model.cast_predicate
-    out = {"total": 0, "experts": 0, "mtp": 0}
-    for name, w in tree_flatten(model.parameters()):
-        size = dtype.size if w.dtype == mx.float32 and keep(name) else w.dtype.size
-        b = w.size * size
-        out["total"] += b
-        out["experts"] += b if ".switch_mlp." in name else 0
-        out["mtp"] += b if name.startswith("mtp.") else 0
-    return out
+    return {
+        name: w.size * (dtype.size if w.dtype == mx.float32 and keep(name) else w.dtype.size)
+        for name, w in tree_flatten(model.parameters())
+    }
+
+
+def weight_bytes(model, dtype=mx.bfloat16) -> Dict[str, int]:
+    """Total, routed-expert and MTP-block bytes of `model`'s parameters (see `param_bytes`)."""
+    sizes = param_bytes(model, dtype)
+    return {
+        "total": sum(sizes.values()),
+        "experts": sum(b for n, b in sizes.items() if ".switch_mlp." in n),
+        "mtp": sum(b for n, b in sizes.items() if n.startswith("mtp.")),
+    }
+
+
+def conversion_bytes(model, source_shapes: Dict[str, tuple], dtype, max_shard_bytes: int) -> int:
+    """Working memory of `convert`: the output shard being filled, the largest checkpoint
+    tensor as read (bf16), and the largest output module twice (its quantized slices and
+    their concatenation). `model` is built lazily as the conversion writes it."""
+    modules: Dict[str, int] = {}
+    for name, b in param_bytes(model, dtype).items():
+        module = name.rpartition(".")[0]
+        modules[module] = modules.get(module, 0) + b
+    largest_read = max(math.prod(s) for s in source_shapes.values()) * 2
+    return max_shard_bytes + largest_read + 2 * max(modules.values())
 
 
 def recipe_weights(args, recipe, *, mtp: bool = True, dtype=mx.bfloat16) -> Dict[str, int]:

@@ -11,14 +11,16 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlx_step35 import convert, load, stream_generate
 from mlx_step35 import generation as gen_mod
-from mlx_step35 import load, stream_generate
+from mlx_step35.conversion import working_memory
 from mlx_step35.generation import generate_step
 from mlx_step35.loading import preflight
 from mlx_step35.memory import Device, InsufficientMemoryError, MemoryWarning, wired_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import convert as convert_cli  # noqa: E402
 import generate as generate_cli  # noqa: E402
 
 GIB = 1 << 30
@@ -347,3 +349,25 @@ def test_cli_prints_the_preflight_and_refuses_without_force(tiny_ckpt, mac, caps
 def test_num_draft_implies_drafting(tiny_ckpt, capsys):
     generate_cli.main(["--model", str(tiny_ckpt), "--max-tokens", "8", "--prompt", "hi", "--num-draft", "3"])
     assert "MTP acceptance by depth: 1:" in capsys.readouterr().out
+
+
+def test_conversion_working_memory_of_the_real_model(real_index, mac):
+    """One 5 GiB output shard, the largest tensor as read (the stacked experts, bf16) and the
+    largest output module twice (4-bit stacked experts: slices, then their concatenation)."""
+    need, device = working_memory(real_index, quantize=True)
+    assert need == 5 * GIB + 288 * 1280 * H * 2 + 2 * 288 * q(1280, H, 4)
+    assert device.memory == mac.memory
+
+
+def test_convert_refuses_when_its_working_memory_cannot_fit(tiny_ckpt, mac, tmp_path, capsys):
+    mac.memory = 64 << 10
+    argv = ["--hf-path", str(tiny_ckpt), "--mlx-path", str(tmp_path / "out"), "-q", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "working memory" in err and "--force" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InsufficientMemoryError, match="force=True"):
+        convert(tiny_ckpt, tmp_path / "out2", quantize=True)
+    convert_cli.main(argv + ["--force"])
+    assert (tmp_path / "out" / "config.json").exists()
