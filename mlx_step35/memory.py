@@ -261,7 +261,7 @@ class Preflight:
         else:
             lines.append(f"  this Mac: {gb(d.memory)}, GPU recommended working set {gb(d.recommended)}")
         lines.append("  " + VERDICTS[self.verdict])
-        lines += [f"  fix: {f}" for f in self.fixes]
+        lines += [f"  {'fix' if i == 0 else 'or'}: {f}" for i, f in enumerate(self.fixes)]
         return "\n".join(lines)
 
 
