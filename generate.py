@@ -96,9 +96,10 @@ def main(argv=None):
         run(a)
 
 
-def check_memory(a, text: str) -> int:
+def check_memory(a, text: str):
     """Print the memory pre-flight when the model does not fit (or with --verbose); exit 2
-    when it cannot fit at all, unless --force. Returns the context it budgeted for."""
+    when it cannot fit at all, unless --force. Returns the context it budgeted for and
+    whether it printed."""
     import sys
 
     from mlx_step35.loading import preflight
@@ -122,7 +123,7 @@ def check_memory(a, text: str) -> int:
             file=sys.stderr,
         )
         sys.exit(2)
-    return context
+    return context, not report.ok
 
 
 def run(a):
@@ -131,19 +132,26 @@ def run(a):
 
     import mlx.core as mx
 
-    from mlx_step35 import load, make_logits_processors, make_sampler, stream_generate
-    from mlx_step35.generation import build_prompt, format_stats
+    from mlx_step35 import load
     from mlx_step35.memory import MemoryWarning
 
     if a.seed is not None:
         mx.random.seed(a.seed)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
-    context = check_memory(a, text)
+    context, printed = check_memory(a, text)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MemoryWarning)  # check_memory printed it
+        if printed:  # the pre-flight said it; the same warning from load() and generation is noise
+            warnings.simplefilter("ignore", MemoryWarning)
         model, tokenizer = load(
             a.model, quantize=not a.no_quantize, q_bits=a.q_bits, dtype=a.dtype, context=context, force=True
         )
+        generate_text(a, model, tokenizer, text)
+
+
+def generate_text(a, model, tokenizer, text):
+    from mlx_step35 import make_logits_processors, make_sampler, stream_generate
+    from mlx_step35.generation import build_prompt, format_stats
+
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
     if a.verbose:
         print(tokenizer.decode(prompt), end="")

@@ -86,7 +86,7 @@ def _warn_if_close(model):
         warnings.warn(
             f"the model takes {gb(size)}, close to or over the GPU's recommended working set "
             f"({gb(rec)}): decoding can be slow or stall; "
-            f"{wired_fix(size + headroom(size), _total_memory())}",
+            f"{_close_fix(size + headroom(size), _total_memory())}",
             MemoryWarning,
             stacklevel=4,
         )
@@ -94,6 +94,12 @@ def _warn_if_close(model):
 
 def gb(b: int) -> str:
     return f"{b / GIB:.1f} GiB" if b >= 0.1 * GIB else f"{b / MIB:.1f} MiB"
+
+
+def _close_fix(need: int, total: int) -> str:
+    if need <= total - OS_RESERVE:
+        return wired_fix(need, total)
+    return "this Mac's memory cannot hold it with macOS: use fewer bits (--q-bits)"
 
 
 def headroom(resident: int) -> int:

@@ -324,7 +324,7 @@ def test_load_warns_with_the_sysctl_when_the_working_set_is_too_small(tiny_ckpt,
         load(tiny_ckpt, quantize=False)
 
 
-def test_cli_prints_the_preflight_and_refuses_without_force(tiny_ckpt, mac, capsys):
+def test_cli_prints_the_preflight_and_refuses_without_force(tiny_ckpt, mac, capsys, recwarn):
     mac.memory, mac.recommended = 64 << 10, 48 << 10
     argv = [
         "--model",
@@ -344,6 +344,7 @@ def test_cli_prints_the_preflight_and_refuses_without_force(tiny_ckpt, mac, caps
     generate_cli.main(argv + ["--force"])
     out = capsys.readouterr()
     assert "Generation: 3 tokens" in out.out and "memory pre-flight" in out.err
+    assert not [w for w in recwarn if w.category is MemoryWarning]  # said once, in the block
 
 
 def test_num_draft_implies_drafting(tiny_ckpt, capsys):
