@@ -69,9 +69,11 @@ def wired_limit(model=None, streams: Optional[List] = None):
     try:
         yield
     finally:
-        if raised:  # the limit must not change under a running evaluation
-            for s in streams or [None]:
-                mx.synchronize() if s is None else mx.synchronize(s)
+        if raised and streams:  # the limit must not change under a running evaluation
+            for s in streams:
+                mx.synchronize(s)
+        elif raised:
+            mx.synchronize()
         with _lock:
             _holders -= 1
             if _holders == 0 and _saved is not None:
