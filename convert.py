@@ -89,10 +89,14 @@ def check_memory(a):
     need, device = working_memory(
         a.hf_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size, dtype=a.dtype
     )
-    print(f"working memory: about {gb(need)} of this machine's {gb(device.memory)}", file=sys.stderr)
+    what = f"working memory about {gb(need)} of this machine's {gb(device.memory)}"
     if need > device.memory and not a.force:
-        print("convert.py: error: not enough memory to convert; --force converts anyway", file=sys.stderr)
+        print(
+            f"convert.py: error: not enough memory to convert ({what}); --force converts anyway",
+            file=sys.stderr,
+        )
         sys.exit(2)
+    print(what)
 
 
 if __name__ == "__main__":
