@@ -111,7 +111,9 @@ def preflight(
     `draft` (default: when the MTP blocks load) adds their KV caches."""
     path = resolve_path(path)
     recipe = make_recipe(quantize, q_bits, q_group_size)
-    model, args, config, _, _ = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the checkpoint lacks or skips, load() says
+        model, args, config, _, _ = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
     return _assess(model, args, config, recipe, dtype, context, draft, expert_cache_gb, device)
 
 
