@@ -209,13 +209,13 @@ def estimate(
     model, args, *, context: int, draft: bool, dtype=mx.bfloat16, expert_cache_gb: Optional[float] = None
 ) -> Needs:
     """What generating `context` tokens with `model` (built lazily, as loading will fill it)
-    needs. `expert_cache_gb`: with an expert cache (issue 12) only that many GB of routed
-    experts are resident instead of all of them."""
+    needs. `expert_cache_gb`: with an expert cache (issue 12) only that many GB (1e9 bytes)
+    of routed experts are resident instead of all of them."""
     w = weight_bytes(model, dtype)
     kv, per_token = kv_bytes(args, context, draft=draft, itemsize=dtype.size)
     weights, cache = w["total"], 0
     if expert_cache_gb is not None:
-        weights, cache = weights - w["experts"], int(expert_cache_gb * GIB)
+        weights, cache = weights - w["experts"], int(expert_cache_gb * 1e9)
     return Needs(weights, w["mtp"], w["experts"], kv, per_token, context, cache, headroom(weights + cache))
 
 

@@ -309,6 +309,16 @@ def test_preflight_facts_and_fixes_on_a_128gb_mac(real_index):
     assert plain.needs.weights == expected_weights(4)[0] - expected_weights(4)[1]
 
 
+def test_preflight_expert_cache_hook(real_index):
+    """With an expert cache (issue 12) the routed experts count as the cache's size."""
+    full = preflight(real_index, q_bits=4, device=macos(64))
+    cached = preflight(real_index, q_bits=4, expert_cache_gb=20, device=macos(64))
+    experts = 42 * 3 * 288 * q(1280, H, 4)  # MoE layers 3..44, gate/up/down stacks
+    assert cached.needs.weights == full.needs.weights - experts
+    assert cached.needs.expert_cache == 20 * 10**9
+    assert "expert cache" in cached.text()
+
+
 def test_load_refuses_what_cannot_fit_and_force_goes_on(tiny_ckpt, mac):
     mac.memory, mac.recommended = 64 << 10, 48 << 10  # a 64 KiB "Mac": the tiny model cannot fit
     with pytest.raises(InsufficientMemoryError, match="(?s)cannot fit.*force=True"):
