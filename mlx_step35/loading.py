@@ -113,18 +113,20 @@ def preflight(
     recipe = make_recipe(quantize, q_bits, q_group_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the checkpoint lacks or skips, load() says
-        model, args, config, _, _ = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
-    return _assess(model, args, config, recipe, dtype, context, draft, expert_cache_gb, device)
+        model, args, config, _, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device)
 
 
-def _assess(model, args, config, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
+def _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
     dt = parse_dtype(dtype) or DTYPES.get(config.get("torch_dtype"), mx.bfloat16)
     draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
     needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
     device = device or Device.current()
     if needs.total <= (device.recommended or device.memory):
         return assess(needs, device)
-    stored = config.get("quantization") or {}  # a conversion: its own bits
+    if plan.fmt == "mlx":  # a conversion loads as converted: its own bits
+        recipe = None
+    stored = config.get("quantization") or {}
     group = stored.get("group_size") or (recipe.group_size if recipe else 64)
     bits = stored.get("bits") or (recipe.bits if recipe else 16)
     smaller = {  # offered as a fix: lower --q-bits (for a conversion: reconverting)
@@ -163,7 +165,7 @@ def load(
     path = resolve_path(path)
     recipe = make_recipe(quantize, q_bits, q_group_size)
     model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
-    report = _assess(model, args, config, recipe, dtype, context, None, None, None)
+    report = _assess(model, args, config, plan, recipe, dtype, context, None, None, None)
     if report.refuse and not force:
         raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
     if not report.ok:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_step35 import convert, load, stream_generate
 from mlx_step35 import generation as gen_mod
@@ -383,3 +384,17 @@ def test_convert_refuses_when_its_working_memory_cannot_fit(tiny_ckpt, mac, tmp_
         convert(tiny_ckpt, tmp_path / "out2", quantize=True)
     convert_cli.main(argv + ["--force"])
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def loaded_bytes(model):
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_preflight_weights_equal_what_load_allocates(tiny_ckpt, tmp_path, bits):
+    """The pre-flight's weight bytes against a real load: the HF checkpoint quantized while
+    loading, and a conversion (whose index records the bytes it wrote)."""
+    assert preflight(tiny_ckpt, q_bits=bits).needs.weights == loaded_bytes(load(tiny_ckpt, q_bits=bits)[0])
+    out = convert(tiny_ckpt, tmp_path / "conv", quantize=True, q_bits=bits)
+    written = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert preflight(out).needs.weights == written == loaded_bytes(load(out)[0])
