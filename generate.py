@@ -86,7 +86,11 @@ def main(argv=None):
         help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
         "the stored dtype for conversions)",
     )
-    p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print the prompt, per-step details and the memory pre-flight (printed anyway when the model does not fit as configured)",
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
