@@ -89,7 +89,8 @@ def main(argv=None):
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="also print the prompt, per-step details and the memory pre-flight (printed anyway when the model does not fit as configured)",
+        help="also print the prompt, per-step details and the memory pre-flight "
+        "(printed anyway when the model does not fit as configured)",
     )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
