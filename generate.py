@@ -3,6 +3,7 @@
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.expert_cache import POLICIES
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
 from mlx_step35.sampling import Sampler
 
@@ -71,10 +72,31 @@ def main(argv=None):
         help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
         "the stored dtype for conversions)",
     )
+    p.add_argument(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="keep the routed experts on disk and cache at most this many GB of them in memory "
+        "(quantized conversions; exact output; e.g. 40 on a 64 GB Mac)",
+    )
+    p.add_argument(
+        "--expert-cache-policy",
+        default="lru",
+        choices=list(POLICIES),
+        help="eviction policy of the expert cache (default %(default)s)",
+    )
+    p.add_argument(
+        "--trace-experts",
+        default=None,
+        metavar="FILE",
+        help="record each pass's routed experts per MoE layer to FILE (npz) for benchmarks/expert_cache.py",
+    )
     p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
+        p.error("--expert-cache-gb must be positive")
     with user_errors(p.prog):
         run(a)
 
@@ -89,7 +111,23 @@ def run(a):
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
+    if a.expert_cache_gb is not None:  # pre-flight: refuses a budget too small before loading
+        from mlx_step35.expert_cache import plan_expert_cache
+        from mlx_step35.loading import resolve_path
+
+        print(plan_expert_cache(resolve_path(a.model), a.expert_cache_gb).describe())
+    model, tokenizer = load(
+        a.model,
+        quantize=not a.no_quantize,
+        dtype=a.dtype,
+        expert_cache_gb=a.expert_cache_gb,
+        expert_cache_policy=a.expert_cache_policy,
+    )
+    trace = None
+    if a.trace_experts:
+        from mlx_step35.expert_cache import trace_experts
+
+        trace = trace_experts(model)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
     if a.verbose:
@@ -112,6 +150,18 @@ def run(a):
     print("\n" + "=" * 10)
     if last is not None:
         print(format_stats(last))
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None and last is not None:
+        s = cache.stats()
+        print(
+            f"Expert cache: hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"{s['bytes_read'] / 1e6:.1f} MB read ({s['bytes_read'] / 1e6 / last.generation_tokens:.2f} "
+            "MB per generated token, prompt included)"
+        )
+    if trace is not None:
+        n = last.generation_tokens if last is not None else 0
+        trace.save(a.trace_experts, prompt_tokens=len(prompt), generated_tokens=n)
+        print(f"Expert trace: {a.trace_experts}")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def plan_expert_cache(path, expert_cache_gb: float, mtp: bool = True) -> ExpertC
     total = sum(readers[f].nbytes(key) for key, f in keys.items() if with_mtp or not _is_mtp_key(key, args))
     plan = ExpertCachePlan(
         path=path,
-        budget_bytes=int(expert_cache_gb * GB),
+        budget_bytes=round(expert_cache_gb * GB),
         num_experts=E,
         top_k=k,
         layers=layers,
@@ -156,8 +156,8 @@ def plan_expert_cache(path, expert_cache_gb: float, mtp: bool = True) -> ExpertC
     if plan.slots < plan.min_slots:
         raise ValueError(
             f"--expert-cache-gb {expert_cache_gb:g} is below one decoding step's working set: "
-            f"at least {plan.min_budget_bytes / GB:.3f} GB ({plan.min_slots} experts x {len(layers)} MoE "
-            f"layers x {expert / 1e6:.2f} MB) is needed"
+            f"at least {plan.min_budget_bytes / GB:.3g} GB ({plan.min_slots} experts x {len(layers)} MoE "
+            f"layers x {expert / 1e6:.3g} MB) is needed"
         )
     return plan
 
@@ -204,18 +204,20 @@ class SlotTable:
         """Give each of `experts` (distinct, at most `slots`) a slot; returns the (expert, slot)
         pairs to read, evicting only slots that this group does not use."""
         experts = np.asarray(experts, np.int64)
-        self.clock += 1
+        start = self.clock + 1  # each use gets its own stamp, in the order given: hits, then misses
+        self.clock += len(experts)
         self.freq *= LFU_DECAY
         self.freq[experts] += 1
         slots = self.slot_of[experts]
         hit = slots >= 0
-        self.last_use[slots[hit]] = self.clock
+        n_hit = int(hit.sum())
+        self.last_use[slots[hit]] = start + np.arange(n_hit)
         missing = experts[~hit]
-        self.hits += int(hit.sum())
+        self.hits += n_hit
         self.misses += len(missing)
         if not len(missing):
             return []
-        free = np.flatnonzero(self.last_use < self.clock)  # slots this group does not use
+        free = np.flatnonzero(self.last_use < start)  # slots this group does not use
         held = self.expert_in[free]
         recency = np.where(held < 0, -1, self.last_use[free])  # empty slots go first
         if self.policy == "lru":
@@ -227,7 +229,7 @@ class SlotTable:
         self.slot_of[old[old >= 0]] = -1
         self.expert_in[victims] = missing
         self.slot_of[missing] = victims
-        self.last_use[victims] = self.clock
+        self.last_use[victims] = start + n_hit + np.arange(len(missing))
         return list(zip(missing.tolist(), victims.tolist()))
 
     def forget(self, experts):
