@@ -3,7 +3,7 @@
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
-from mlx_step35.expert_cache import POLICIES
+from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
 from mlx_step35.sampling import Sampler
 
@@ -81,7 +81,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--expert-cache-policy",
-        default="lru",
+        default=EXPERT_CACHE_POLICY,
         choices=list(POLICIES),
         help="eviction policy of the expert cache (default %(default)s)",
     )

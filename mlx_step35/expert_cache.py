@@ -31,6 +31,7 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 READ_THREADS = 16  # reads in flight: 8+ reach full SSD bandwidth on recent Macs
 POLICIES = ("lru", "lfu")
+EXPERT_CACHE_POLICY = "lfu"  # the default: higher hit rates than lru on recorded traces (RESULTS.md)
 LFU_DECAY = 0.95  # per pass: a frequency that forgets old routing within ~20 passes
 
 
@@ -319,7 +320,7 @@ def _widen(raw: np.ndarray, stored: str) -> np.ndarray:
 class ExpertCache:
     """The slot pools of every MoE layer, their reader, and the counters."""
 
-    def __init__(self, plan: ExpertCachePlan, policy: str = "lru", threads: int = READ_THREADS):
+    def __init__(self, plan: ExpertCachePlan, policy: str = EXPERT_CACHE_POLICY, threads: int = READ_THREADS):
         self.plan = plan
         self.policy = policy
         files = {t.file for ts in plan.layers.values() for t in ts.values()}
@@ -427,7 +428,7 @@ class CachedSwitchGLU(SwitchGLU):
 
 
 def attach_expert_cache(
-    model, plan: ExpertCachePlan, *, dtype: Optional[mx.Dtype] = None, policy: str = "lru"
+    model, plan: ExpertCachePlan, *, dtype: Optional[mx.Dtype] = None, policy: str = EXPERT_CACHE_POLICY
 ) -> ExpertCache:
     """Replace each MoE layer's switch_mlp (still unloaded) with a CachedSwitchGLU over slot
     pools; `model.expert_cache` then holds the cache and its counters."""

@@ -10,7 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
-from .expert_cache import POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
+from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -93,7 +93,7 @@ def load(
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
     expert_cache_gb: Optional[float] = None,
-    expert_cache_policy: str = "lru",
+    expert_cache_policy: str = EXPERT_CACHE_POLICY,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a Step-3.5/3.7-Flash model and its tokenizer.
 

@@ -20,7 +20,7 @@ from conftest import SLIDING_WINDOW
 from factory import make_checkpoint
 
 from mlx_step35 import CheckpointError, convert, load
-from mlx_step35.expert_cache import ExpertReader, plan_expert_cache, trace_experts
+from mlx_step35.expert_cache import ExpertReader, SlotTable, plan_expert_cache, trace_experts
 from mlx_step35.generation import generate_step
 from mlx_step35.safetensors_io import ShardReader
 from mlx_step35.speculative import SpecStats
@@ -132,7 +132,7 @@ def lru_misses(experts, pass_rows, slots):
 
 
 def test_bytes_read_are_misses_times_expert_size(conv, budget_gb, expert_size):
-    model = load(conv, expert_cache_gb=budget_gb)[0]
+    model = load(conv, expert_cache_gb=budget_gb, expert_cache_policy="lru")[0]
     trace = trace_experts(model)
     out = [t for t, _, _ in generate_step(model, PROMPT, max_tokens=30, prefill_step_size=4)]
     cache, arrays = model.expert_cache, trace.arrays()
@@ -140,6 +140,15 @@ def test_bytes_read_are_misses_times_expert_size(conv, budget_gb, expert_size):
     assert arrays["experts"].shape == (len(PROMPT) + 29, len(MOE_LAYERS), K)
     assert cache.misses == lru_misses(arrays["experts"], arrays["pass_rows"], MIN_SLOTS) > 0
     assert cache.bytes_read == cache.misses * expert_size
+
+
+@pytest.mark.parametrize("policy, evicted", [("lru", 0), ("lfu", 1)])
+def test_policy_evicts_least_recent_or_least_frequent(policy, evicted):
+    table = SlotTable(4, 2, policy)
+    for need in ([0], [0], [0], [1]):  # 0 used often but longest ago, 1 once but last
+        table.assign(need)
+    assert table.assign([2]) == [(2, int(table.slot_of[2]))] and table.slot_of[evicted] == -1
+    assert table.slot_of[1 - evicted] >= 0 and (table.hits, table.misses) == (2, 3)
 
 
 def _shard_of_layer(path, layer=2):
