@@ -413,7 +413,9 @@ class CachedSwitchGLU(SwitchGLU):
         groups = self.table.groups(np.unique(ids))
         if len(groups) == 1:
             slots = self._fetch(groups[0])[ids]
-            return super().__call__(x, mx.array(slots.astype(np.uint32)))
+            out = super().__call__(x, mx.array(slots.astype(np.uint32)))
+            mx.eval(out)  # nothing lazy may read the pool once a later fetch can overwrite it
+            return out
         # More experts than slots: one pass per group that fits; each (token, k) row is
         # computed in exactly one group, as it would be in one pass.
         self.cache.grouped_passes += 1
