@@ -125,7 +125,7 @@ def run(a):
     )
     trace = None
     if a.trace_experts:
-        from mlx_step35.expert_cache import trace_experts
+        from mlx_step35.expert_trace import trace_experts
 
         trace = trace_experts(model)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
@@ -150,14 +150,8 @@ def run(a):
     print("\n" + "=" * 10)
     if last is not None:
         print(format_stats(last))
-    cache = getattr(model, "expert_cache", None)
-    if cache is not None and last is not None:
-        s = cache.stats()
-        print(
-            f"Expert cache: hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
-            f"{s['bytes_read'] / 1e6:.1f} MB read ({s['bytes_read'] / 1e6 / last.generation_tokens:.2f} "
-            "MB per generated token, prompt included)"
-        )
+    if getattr(model, "expert_cache", None) is not None and last is not None:
+        print(model.expert_cache.summary(last.generation_tokens))
     if trace is not None:
         n = last.generation_tokens if last is not None else 0
         trace.save(a.trace_experts, prompt_tokens=len(prompt), generated_tokens=n)

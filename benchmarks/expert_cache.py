@@ -33,7 +33,7 @@ def record(a):
     from train_demo import collect_corpus, split_docs
 
     from mlx_step35 import load
-    from mlx_step35.expert_cache import trace_experts
+    from mlx_step35.expert_trace import trace_experts
     from mlx_step35.generation import generate_step
 
     model, tok = load(demo_model())

@@ -7,11 +7,13 @@ SwitchGLU uses, with `slots` rows instead of `num_experts`), filled on demand by
 [E, ...] row-major, so expert e is one contiguous byte range per tensor), and `gather_qmm`
 over the pool with the routed expert ids remapped to slots. A pass that touches more experts
 than the pool holds runs over groups of experts that fit; no expert is ever skipped, so the
-output is that of the fully resident model. Entry point: `plan_expert_cache` (pre-flight,
-reads headers only) and `attach_expert_cache` (used by `load(..., expert_cache_gb=X)`).
+output is that of the fully resident model. Entry points: `plan_expert_cache` (pre-flight,
+reads headers only) and `attach_expert_cache` (used by `load(..., expert_cache_gb=X)`);
+traces of the routing for tuning are in `expert_trace`.
 """
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +21,11 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from .config import load_config, parse_config
 from .safetensors_io import DTYPES, CheckpointError, ShardReader
-from .weights import checkpoint_keys, has_mtp_weights
+from .weights import checkpoint_keys, has_mtp_weights, to_internal
 
 GB = 1e9
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -143,7 +144,11 @@ def plan_expert_cache(path, expert_cache_gb: float, mtp: bool = True) -> ExpertC
         )
     expert = next(iter(sizes.values()))
     with_mtp = mtp and args.num_nextn_predict_layers > 0 and has_mtp_weights(keys, args, False)
-    total = sum(readers[f].nbytes(key) for key, f in keys.items() if with_mtp or not _is_mtp_key(key, args))
+    total = sum(
+        readers[f].nbytes(key)
+        for key, f in keys.items()
+        if with_mtp or not (to_internal(key, args, False) or "").startswith("mtp.")
+    )
     plan = ExpertCachePlan(
         path=path,
         budget_bytes=round(expert_cache_gb * GB),
@@ -161,16 +166,6 @@ def plan_expert_cache(path, expert_cache_gb: float, mtp: bool = True) -> ExpertC
             f"layers x {expert / 1e6:.3g} MB) is needed"
         )
     return plan
-
-
-def _is_mtp_key(key: str, args) -> bool:
-    parts = key.split(".")
-    return (
-        len(parts) > 2
-        and parts[1] == "layers"
-        and parts[2].isdigit()
-        and int(parts[2]) >= args.num_hidden_layers
-    )
 
 
 class SlotTable:
@@ -254,6 +249,7 @@ class ExpertReader:
             self.files[f] = (fd, os.fstat(fd))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.bytes_read = 0
+        self._closer = weakref.finalize(self, _close_all, [fd for fd, _ in self.files.values()])
 
     def _check(self, files):
         for f in files:
@@ -305,9 +301,13 @@ class ExpertReader:
 
     def close(self):
         self.pool.shutdown(wait=True)
-        for fd, _ in self.files.values():
-            os.close(fd)
+        self._closer()  # closes the files once (also run when the reader is garbage-collected)
         self.files = {}
+
+
+def _close_all(fds):
+    for fd in fds:
+        os.close(fd)
 
 
 def _widen(raw: np.ndarray, stored: str) -> np.ndarray:
@@ -352,6 +352,15 @@ class ExpertCache:
             hit_rate=h / max(h + m, 1),
             bytes_read=self.bytes_read,
             grouped_passes=self.grouped_passes,
+        )
+
+    def summary(self, tokens: int) -> str:
+        """One line of counters, with the bytes read per generated token (prompt included)."""
+        s = self.stats()
+        return (
+            f"Expert cache: hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"{s['bytes_read'] / 1e6:.1f} MB read ({s['bytes_read'] / 1e6 / max(tokens, 1):.2f} MB per "
+            "generated token, prompt included)"
         )
 
     def close(self):
@@ -446,64 +455,3 @@ def is_streamed(plan: ExpertCachePlan):
     """Predicate on parameter names: True for the tensors the cache reads on demand."""
     prefixes = tuple(f"model.layers.{i}.mlp.switch_mlp." for i in plan.layers)
     return lambda name: name.startswith(prefixes)
-
-
-class ExpertTrace:
-    """Records each pass's routed experts per MoE layer (hooked into the model's MoE layers);
-    `save` writes them as npz: experts [rows, moe_layers, top_k] (int16), pass_rows [passes]."""
-
-    def __init__(self, model):
-        self.moe = {i: layer.mlp for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "switch_mlp")}
-        self.rows: Dict[int, List[np.ndarray]] = {i: [] for i in self.moe}
-        self.args = model.args
-        self.expert_bytes = expert_bytes(model)
-        for moe in self.moe.values():
-            moe.on_route = self.record
-
-    def record(self, layer: int, idx: mx.array):
-        self.rows[layer].append(np.array(idx).reshape(-1, idx.shape[-1]).astype(np.int16))
-
-    def close(self):
-        for moe in self.moe.values():
-            moe.on_route = None
-
-    def arrays(self) -> Dict[str, np.ndarray]:
-        layers = sorted(self.rows)
-        lengths = [[len(r) for r in self.rows[i]] for i in layers]
-        if any(n != lengths[0] for n in lengths):
-            raise RuntimeError("expert trace: MoE layers saw different passes")
-        k = self.args.moe_top_k
-        experts = [
-            np.concatenate(self.rows[i]) if self.rows[i] else np.zeros((0, k), np.int16) for i in layers
-        ]
-        return dict(
-            experts=np.stack(experts, axis=1),
-            pass_rows=np.array(lengths[0], np.int32),
-            layers=np.array(layers, np.int32),
-            num_experts=np.int32(self.args.moe_num_experts),
-            expert_bytes=np.int64(self.expert_bytes),
-        )
-
-    def save(self, file, **meta):
-        """Write the trace (and scalar `meta`, e.g. prompt_tokens) to `file` atomically."""
-        file = Path(file)
-        tmp = file.with_name(f".{file.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **self.arrays(), **{k: np.asarray(v) for k, v in meta.items()})
-        os.replace(tmp, file)
-
-
-def trace_experts(model) -> ExpertTrace:
-    """Start recording the routed experts of every pass of `model` (resident or cached)."""
-    return ExpertTrace(model)
-
-
-def expert_bytes(model) -> int:
-    """Bytes of one routed expert of one layer as loaded (all its tensors)."""
-    if getattr(model, "expert_cache", None) is not None:
-        return model.expert_cache.expert_bytes
-    for layer in model.layers:
-        sw = getattr(layer.mlp, "switch_mlp", None)
-        if sw is not None:
-            return sum(w.nbytes for _, w in tree_flatten(sw.parameters())) // sw.gate_proj.weight.shape[0]
-    return 0

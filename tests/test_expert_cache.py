@@ -20,7 +20,8 @@ from conftest import SLIDING_WINDOW
 from factory import make_checkpoint
 
 from mlx_step35 import CheckpointError, convert, load
-from mlx_step35.expert_cache import ExpertReader, SlotTable, plan_expert_cache, trace_experts
+from mlx_step35.expert_cache import ExpertReader, SlotTable, plan_expert_cache
+from mlx_step35.expert_trace import trace_experts
 from mlx_step35.generation import generate_step
 from mlx_step35.safetensors_io import ShardReader
 from mlx_step35.speculative import SpecStats
