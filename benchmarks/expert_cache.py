@@ -145,8 +145,8 @@ def speed(a):
     full = plan_expert_cache(path, 1e3, mtp=False)
     gb = round(0.25 * E) * len(full.layers) * full.expert_bytes / 1e9
     cached = load(path, mtp=False, expert_cache_gb=gb)[0]
-    runs = [("resident", resident), ("cache 25%", cached)]
-    ratios, tps = [], {name: [] for name, _ in runs}
+    runs = [("resident", resident), ("cache 25%", cached), ("resident again", resident)]  # + A/A control
+    ratios, tps = {"cache 25%": [], "resident again": []}, {name: [] for name, _ in runs}
 
     def decode(model, prompt):
         toks, tic = [], None
@@ -158,17 +158,20 @@ def speed(a):
     for r in range(a.rounds):
         for i, text in enumerate(PROMPTS):
             prompt = tok.encode(text)
-            out = {name: decode(m, prompt) for name, m in (runs if (r + i) % 2 == 0 else runs[::-1])}
+            k = (r * len(PROMPTS) + i) % len(runs)
+            out = {name: decode(m, prompt) for name, m in runs[k:] + runs[:k]}  # rotating order
             assert out["resident"][1] == out["cache 25%"][1], "the cached model's tokens differ"
             for name in out:
                 tps[name].append(out[name][0])
-            ratios.append(out["cache 25%"][0] / out["resident"][0])
-    lo, hi = interval(ratios)
+            for name in ratios:
+                ratios[name].append(out[name][0] / out["resident"][0])
     print(f"demo model, MTP off, 25% budget ({round(0.25 * E)} of {E} experts per layer, {gb * 1e3:.3f} MB)")
-    print(f"{a.rounds} rounds x {len(PROMPTS)} prompts x {a.gen_tokens} tokens, greedy, alternating order")
+    print(f"{a.rounds} rounds x {len(PROMPTS)} prompts x {a.gen_tokens} tokens, greedy, rotating order")
     for name, xs in tps.items():
         print(f"{name}: median {median(xs):.1f} tok/s decode")
-    print(f"speed ratio cache / resident: median {median(ratios):.3f} (95% interval {lo:.3f}-{hi:.3f})")
+    for name, xs in ratios.items():
+        lo, hi = interval(xs)
+        print(f"speed ratio {name} / resident: median {median(xs):.3f} (95% interval {lo:.3f}-{hi:.3f})")
     print(f"cache: {cached.expert_cache.stats()}")
 
 

@@ -376,9 +376,11 @@ class CachedSwitchGLU(SwitchGLU):
         plan = cache.plan
         self.layer = layer
         self.cache = cache
-        self.tensors = plan.layers[layer]
         self.table = cache.tables[layer] = SlotTable(plan.num_experts, plan.slots, cache.policy)
-        self.views, self.widen = {}, {}
+        # Plain attributes, not module state (nn.Module would hold dicts as parameter trees).
+        object.__setattr__(self, "tensors", plan.layers[layer])
+        object.__setattr__(self, "views", {})  # writable bytes of each pool, [slots, bytes]
+        object.__setattr__(self, "widen", {})  # stored dtype to widen from, or None
         for proj in PROJS:
             ref = getattr(base, proj)
             lin = QuantizedSwitchLinear(
