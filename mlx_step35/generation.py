@@ -9,7 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
-from .prompt_cache import PromptCache
+from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
     AutoDraft,
@@ -21,7 +21,6 @@ from .speculative import (
 )
 
 PREFILL_STEP = 512
-CHECKPOINT_BEFORE_END = 8  # a prompt cache snapshots this many tokens before a prompt's end
 MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"

@@ -15,18 +15,21 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import FullKVCache, SlidingKVCache
+from .safetensors_io import ShardReader
 from .speculative import MTPDrafter
 
 FORMAT_VERSION = 1
 MAX_SLACK = 4  # rewind slack of the drafter's caches: any --num-draft (1-3) plus one
+CHECKPOINT_BEFORE_END = 8  # each prompt is also snapshotted this many tokens before its end
 
 
 class PromptCacheError(ValueError):
@@ -39,6 +42,13 @@ def _copy_cache(c):
     if c.keys is not None:
         new.keys, new.values = c.keys[...], c.values[...]
     return new
+
+
+def _trimmed(c, pos: int):
+    """A view of full-attention cache `c` holding its first `pos` entries."""
+    view = copy.copy(c)
+    view.offset = pos
+    return view
 
 
 def _cache_arrays(c) -> List[mx.array]:
@@ -67,6 +77,7 @@ class PromptCache:
     history: List[int] = field(default_factory=list)  # the whole conversation so far
     checkpoints: Dict[int, Checkpoint] = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens the last generation did not recompute
+    prompt_len: int = 0  # length of the last prompt (the whole conversation up to its reply)
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -139,6 +150,7 @@ class PromptCache:
             else:
                 self._restore(self.checkpoints[best])
         self.cached_tokens = len(self.tokens)
+        self.prompt_len = len(tokens)
         return self.cached_tokens
 
     def finish(self, tokens: List[int]):
@@ -151,6 +163,30 @@ class PromptCache:
             if self.drafter.done[0] != len(self.tokens):
                 raise RuntimeError("prompt cache: the drafter and the trunk caches disagree")
         self.checkpoint()
+
+    def fork(self, pos: int) -> "PromptCache":
+        """A new conversation starting from checkpoint `pos`; this one is left as it is
+        (its full-attention KV is shared until the fork writes, when MLX copies it)."""
+        view = self.at(pos)
+        view.cache = [_copy_cache(c) for c in view.cache]
+        if view.drafter is not None:
+            view.drafter.cache = [_copy_cache(c) for c in view.drafter.cache]
+        view.checkpoints = {p: cp for p, cp in self.checkpoints.items() if p <= pos}
+        return view
+
+    def at(self, pos: int) -> "PromptCache":
+        """A read-only view of the state at checkpoint `pos` (for saving it)."""
+        cp = self.checkpoints[pos]
+        view = copy.copy(self)
+        view.cache = [cp.sliding.get(i) or _trimmed(c, pos) for i, c in enumerate(self.cache)]
+        view.tokens = self.tokens[:pos]
+        view.history = view.tokens
+        view.checkpoints = {}
+        if self.drafter is not None:
+            view.drafter = copy.copy(self.drafter)
+            view.drafter.cache, view.drafter.done = list(cp.drafter["cache"]), list(cp.drafter["done"])
+            view.drafter.hidden, view.drafter._rows = list(cp.drafter["hidden"]), []
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -289,6 +325,114 @@ def _from_arrays(model, arrays, meta) -> PromptCache:
     return pc
 
 
+class PromptCacheStore:
+    """The prompt caches of a server's conversations, bounded in bytes.
+
+    `acquire(tokens)` hands out the cache that can reuse the longest prefix of `tokens`
+    (a new one when none can), with the continuation to generate from; `release` puts it
+    back. Each conversation keeps at most `max_checkpoints` checkpoints (dropping the one
+    whose tokens are cheapest to recompute from the one before it); over `max_bytes`, the
+    least recently used conversations go first. With `directory`, released conversations
+    are also written there (their state a few tokens before the end of their last prompt
+    and at the end of their last generation), and read back when memory has no match,
+    e.g. after a restart; a file that is damaged or from another model is skipped with
+    a warning; the directory is bounded by `max_dir_bytes` (oldest files go first).
+    """
+
+    def __init__(self, model, max_bytes: int, *, draft_mtp: bool = True, prefill_step_size: int = 2048,
+                 max_checkpoints: int = 8, directory=None, max_dir_bytes: Optional[int] = None):
+        self.model, self.max_bytes, self.draft_mtp = model, max_bytes, draft_mtp
+        self.prefill_step_size, self.max_checkpoints = prefill_step_size, max_checkpoints
+        self.entries: List[PromptCache] = []  # least recently used first
+        self.dir = Path(directory) if directory else None
+        self.max_dir_bytes = max_dir_bytes if max_dir_bytes is not None else 4 * max_bytes
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".*.tmp.safetensors"):  # left by a crash mid-write
+                stale.unlink(missing_ok=True)
+        self._fingerprint = fingerprint(model) if self.dir else None
+
+    def acquire(self, tokens: Sequence[int]) -> Tuple[PromptCache, List[int]]:
+        best, best_n = None, 0
+        for pc in self.entries:
+            n = _usable(pc, tokens)
+            if n > best_n:
+                best, best_n = pc, n
+        if best is None and self.dir:
+            best = self._from_disk(tokens)
+        if best is None:
+            best = make_prompt_cache(self.model, self.draft_mtp, self.prefill_step_size)
+        elif best in self.entries:
+            if best_n < len(best.tokens) and best_n < best.prompt_len - CHECKPOINT_BEFORE_END:
+                best = best.fork(best_n)  # another conversation branching off: keep this one
+            else:  # the same conversation's next turn (or a regenerated reply): take it over
+                self.entries.remove(best)
+        return best, best.continuation(tokens)
+
+    def release(self, pc: PromptCache):
+        while len(pc.checkpoints) > self.max_checkpoints:
+            pos = sorted(pc.checkpoints)
+            gaps = {p: p - q for q, p in zip([0] + pos, pos) if p != pos[-1]}
+            del pc.checkpoints[min(gaps, key=gaps.get)]
+        self.entries.append(pc)
+        if self.dir:
+            self._to_disk(pc)
+        while self.entries and self.nbytes > self.max_bytes:
+            self.entries.pop(0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pc.nbytes for pc in self.entries)
+
+    def _files(self) -> List[Path]:
+        return [f for f in self.dir.glob("*.safetensors") if not f.name.startswith(".")]
+
+    def _to_disk(self, pc: PromptCache):
+        last = max(pc.checkpoints)
+        keep = [p for p in pc.checkpoints if p < last and p <= len(pc.tokens) - 1]
+        for pos in {last, *(keep[-1:] if keep else [])}:
+            name = hashlib.sha256(json.dumps(pc.tokens[:pos]).encode()).hexdigest()[:24]
+            try:
+                save_prompt_cache(self.dir / f"{name}.safetensors", pc.at(pos))
+            except OSError as e:  # a full disk loses a cache file, never an answer
+                warnings.warn(f"prompt cache: could not write {self.dir}: {e}", stacklevel=2)
+        files = sorted(self._files(), key=lambda f: f.stat().st_mtime)
+        total = sum(f.stat().st_size for f in files)
+        while files and total > self.max_dir_bytes:
+            f = files.pop(0)
+            total -= f.stat().st_size
+            f.unlink(missing_ok=True)
+
+    def _from_disk(self, tokens) -> Optional[PromptCache]:
+        best, best_n = None, 0
+        for f in self._files():
+            try:
+                meta = ShardReader(f).metadata  # the header only, validated
+                saved = json.loads(meta["tokens"])
+            except (ValueError, KeyError) as e:
+                warnings.warn(f"prompt cache: skipping {f}: {e}", stacklevel=3)
+                continue
+            if meta.get("fingerprint") != self._fingerprint:
+                continue  # another model's cache
+            if best_n < len(saved) < len(tokens) and list(tokens[: len(saved)]) == saved:
+                best, best_n = f, len(saved)
+        if best is None:
+            return None
+        try:
+            return load_prompt_cache(best, self.model)
+        except PromptCacheError as e:
+            warnings.warn(f"prompt cache: skipping {e}", stacklevel=3)
+            return None
+
+
+def _usable(pc: PromptCache, tokens: Sequence[int]) -> int:
+    """How many tokens of `tokens` `pc` could reuse."""
+    common = common_prefix(pc.tokens, tokens[:-1])
+    if common == len(pc.tokens):
+        return common
+    return max((p for p in pc.checkpoints if p <= common), default=0)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -300,6 +444,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 __all__ = [
     "PromptCache",
+    "PromptCacheStore",
     "PromptCacheError",
     "make_prompt_cache",
     "save_prompt_cache",

@@ -10,6 +10,7 @@ from mlx_step35 import load
 from mlx_step35.generation import CHECKPOINT_BEFORE_END, generate_step
 from mlx_step35.prompt_cache import (
     PromptCacheError,
+    PromptCacheStore,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
@@ -172,3 +173,84 @@ def test_damaged_or_foreign_files_are_refused(random_model, tmp_path, tmp_path_f
     mx.save_safetensors(str(tmp_path / "edited.safetensors"), arrays, metadata=meta)
     with pytest.raises(PromptCacheError, match="edited.safetensors: cache offsets and tokens disagree"):
         load_prompt_cache(tmp_path / "edited.safetensors", random_model)
+
+
+def agent_turns(model, store, turns, **kw):
+    """As `conversation`, through a store (acquire / release), as the server does."""
+    history, outs, cached = list(SYSTEM), [], []
+    for user in turns:
+        prompt = history + user + [1, 2]
+        pc, cont = store.acquire(prompt)
+        out, _ = run(model, cont, pc, checkpoints=[len(SYSTEM), len(history) + len(user)], **kw)
+        store.release(pc)
+        outs.append(out)
+        cached.append(pc.cached_tokens)
+        history = prompt[:-2] + out[-4:]
+    return outs, cached
+
+
+def test_store_serves_interleaved_conversations(random_model):
+    store = PromptCacheStore(random_model, max_bytes=1 << 30)
+    a_turns, b_turns = [words(9, 21), words(5, 22)], [words(12, 31), words(4, 32)]
+    cold_a, _ = conversation(random_model, None, a_turns)
+    cold_b, _ = conversation(random_model, None, [[0] + t for t in b_turns])  # differs after SYSTEM
+    a1, _ = agent_turns(random_model, store, a_turns[:1])
+    b1, cb1 = agent_turns(random_model, store, [[0] + b_turns[0]])
+    assert cb1 == [len(SYSTEM)]  # B branches off A at the end of the system prompt: a fork
+    assert len(store.entries) == 2
+    # each conversation's second turn finds its own first turn
+    ha = SYSTEM + a_turns[0] + a1[0][-4:]
+    hb = SYSTEM + [0] + b_turns[0] + b1[0][-4:]
+    for hist, user, cold in ((ha, a_turns[1], cold_a), (hb, b_turns[1], cold_b)):
+        prompt = hist + user + [1, 2]
+        pc, cont = store.acquire(prompt)
+        out, _ = run(random_model, cont, pc)
+        store.release(pc)
+        assert out == cold[1][0]
+        assert pc.cached_tokens >= len(hist) - 4  # the end of its previous user message
+    assert a1[0] == cold_a[0][0] and b1[0] == cold_b[0][0]
+
+
+def test_store_stays_under_its_byte_bound(random_model):
+    one = PromptCacheStore(random_model, max_bytes=1 << 30)
+    agent_turns(random_model, one, [words(9, 41)])
+    bound = int(2.5 * one.nbytes)  # room for about two such conversations
+    store = PromptCacheStore(random_model, max_bytes=bound)
+    for seed in range(5):
+        agent_turns(random_model, store, [[seed] + words(9, 50 + seed)])
+        assert store.nbytes <= bound
+    assert 1 <= len(store.entries) <= 2
+
+
+def test_store_on_disk_survives_a_restart_and_skips_bad_files(random_model, tmp_path, recwarn):
+    turns = [words(9, 61), words(6, 62)]
+    cold, _ = conversation(random_model, None, turns)
+    first = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
+    agent_turns(random_model, first, turns[:1])
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert files
+    (tmp_path / ".x.123.tmp.safetensors").write_bytes(b"partial")  # a crash mid-write
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)  # damaged
+    restarted = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
+    assert not (tmp_path / ".x.123.tmp.safetensors").exists()
+    history = SYSTEM + turns[0] + cold[0][0][-4:]
+    prompt = history + turns[1] + [1, 2]
+    pc, cont = restarted.acquire(prompt)
+    out, _ = run(random_model, cont, pc)
+    assert out == cold[1][0]
+    assert pc.cached_tokens >= len(SYSTEM) + len(turns[0])
+    assert any("junk.safetensors" in str(w.message) for w in recwarn)
+
+
+def test_store_full_disk_loses_the_file_not_the_answer(random_model, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    store = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
+    with pytest.warns(UserWarning, match="could not write"):
+        out, _ = agent_turns(random_model, store, [words(9, 71)])
+    assert out[0] == conversation(random_model, None, [words(9, 71)])[0][0][0]
+    assert not list(tmp_path.iterdir())
