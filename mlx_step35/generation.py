@@ -369,7 +369,9 @@ def generate(
 
 def format_stats(r: GenerationResponse) -> str:
     lines = [
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+        f"Prompt: {r.prompt_tokens} tokens"
+        + (f" ({r.cached_tokens} of the conversation's reused from the cache)" if r.cached_tokens else "")
+        + f", {r.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
     ]
     s = r.stats
@@ -393,13 +395,18 @@ def format_stats(r: GenerationResponse) -> str:
 
 
 def build_prompt(
-    tokenizer, prompt: str, *, system: Optional[str] = None, chat_template: bool = True
+    tokenizer,
+    prompt: str,
+    *,
+    system: Optional[str] = None,
+    chat_template: bool = True,
+    history: Sequence[dict] = (),
 ) -> List[int]:
-    """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate does)."""
+    """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate
+    does) after the `history` messages of the conversation so far."""
     if chat_template and getattr(tokenizer, "has_chat_template", False):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
+        messages = list(history) or ([{"role": "system", "content": system}] if system else [])
+        messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

@@ -89,9 +89,7 @@ class PromptCache:
         if self.drafter is not None:
             d = self.drafter
             d._trunk_rows()
-            drafter = dict(
-                cache=[_copy_cache(c) for c in d.cache], done=list(d.done), hidden=list(d.hidden)
-            )
+            drafter = dict(cache=[_copy_cache(c) for c in d.cache], done=list(d.done), hidden=list(d.hidden))
             arrays += [a for c in drafter["cache"] for a in _cache_arrays(c)]
             arrays += [h for h in drafter["hidden"] if h is not None]
         mx.async_eval(arrays)
@@ -122,7 +120,9 @@ class PromptCache:
 
     def _empty_sliding(self):
         return {
-            i: SlidingKVCache(c.window, c.slack) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)
+            i: SlidingKVCache(c.window, c.slack)
+            for i, c in enumerate(self.cache)
+            if isinstance(c, SlidingKVCache)
         }
 
     def _empty_drafter(self):
@@ -207,9 +207,12 @@ def make_prompt_cache(model, draft_mtp: bool = True, prefill_step_size: int = 20
 
 # -- files ---------------------------------------------------------------------------
 def fingerprint(model) -> str:
-    """A hash of the model's config and of a sample of every weight."""
+    """A hash of the model's config and of a sample of every trunk weight (the trunk's
+    caches do not depend on whether the MTP blocks were loaded)."""
     h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
     for name, w in tree_flatten(model.parameters()):
+        if name.startswith("mtp."):
+            continue
         h.update(f"{name}{w.shape}{w.dtype}".encode())
         h.update(memoryview(w.reshape(-1)[:8].astype(mx.float32)))
     return h.hexdigest()[:32]
@@ -306,9 +309,7 @@ def _from_arrays(model, arrays, meta) -> PromptCache:
     if meta.get("fingerprint") != fingerprint(model):
         raise PromptCacheError("made with another model (fingerprint differs)")
     layout = json.loads(meta["layout"])
-    pc = make_prompt_cache(model, draft_mtp="done" in layout)
-    if "done" in layout and pc.drafter is None:
-        raise PromptCacheError("holds MTP state but the model has no MTP blocks")
+    pc = make_prompt_cache(model, draft_mtp="done" in layout)  # MTP state unused without MTP blocks
     pc.cache = [_get_cache(arrays, layout, f"trunk.{i}", c) for i, c in enumerate(pc.cache)]
     pc.tokens = [int(t) for t in json.loads(meta["tokens"])]
     pc.history = [int(t) for t in json.loads(meta["history"])]
@@ -339,8 +340,17 @@ class PromptCacheStore:
     a warning; the directory is bounded by `max_dir_bytes` (oldest files go first).
     """
 
-    def __init__(self, model, max_bytes: int, *, draft_mtp: bool = True, prefill_step_size: int = 2048,
-                 max_checkpoints: int = 8, directory=None, max_dir_bytes: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        max_bytes: int,
+        *,
+        draft_mtp: bool = True,
+        prefill_step_size: int = 2048,
+        max_checkpoints: int = 8,
+        directory=None,
+        max_dir_bytes: Optional[int] = None,
+    ):
         self.model, self.max_bytes, self.draft_mtp = model, max_bytes, draft_mtp
         self.prefill_step_size, self.max_checkpoints = prefill_step_size, max_checkpoints
         self.entries: List[PromptCache] = []  # least recently used first

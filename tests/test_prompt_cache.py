@@ -19,8 +19,13 @@ from mlx_step35.speculative import SpecStats
 
 RNG = np.random.default_rng(11)
 SYSTEM = [int(t) for t in RNG.integers(3, 500, 21)]  # ~3 sliding windows of 8
-MODES = [{}, dict(draft_mtp=True, num_draft=1), dict(draft_mtp=True, num_draft=2),
-         dict(draft_mtp=True, num_draft=3), dict(draft_mtp=True, num_draft="auto")]
+MODES = [
+    {},
+    dict(draft_mtp=True, num_draft=1),
+    dict(draft_mtp=True, num_draft=2),
+    dict(draft_mtp=True, num_draft=3),
+    dict(draft_mtp=True, num_draft="auto"),
+]
 
 
 def words(n, seed):
@@ -162,8 +167,11 @@ def test_damaged_or_foreign_files_are_refused(random_model, tmp_path, tmp_path_f
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PromptCacheError, match="trunc.safetensors"):
         load_prompt_cache(tmp_path / "trunc.safetensors", random_model)
-    other = load(make_checkpoint(tmp_path_factory.mktemp("other"), seed=5, sliding_window=8),
-                 quantize=False, dtype="float32")[0]
+    other = load(
+        make_checkpoint(tmp_path_factory.mktemp("other"), seed=5, sliding_window=8),
+        quantize=False,
+        dtype="float32",
+    )[0]
     with pytest.raises(PromptCacheError, match="another model"):
         load_prompt_cache(f, other)
     import mlx.core as mx
@@ -254,3 +262,39 @@ def test_store_full_disk_loses_the_file_not_the_answer(random_model, tmp_path, m
         out, _ = agent_turns(random_model, store, [words(9, 71)])
     assert out[0] == conversation(random_model, None, [words(9, 71)])[0][0][0]
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_continues_a_saved_conversation(tmp_path):
+    """generate.py --save-prompt-cache, then --prompt-cache-file: the second answer is that
+    of a cold run over the whole conversation (demo model, raw text, drafting)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlx.core as mx
+
+    from mlx_step35 import generate
+
+    root = Path(__file__).resolve().parents[1]
+    f = tmp_path / "chat.safetensors"
+    common = [sys.executable, str(root / "generate.py"), "--ignore-chat-template", "-m", "12", "--draft-mtp"]
+
+    def cli(*args):
+        r = subprocess.run(common + list(args), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split("\n==========")[0]
+
+    cli("--prompt", "def f(x):", "--save-prompt-cache", str(f))
+    history = json.loads(mx.load(str(f), return_metadata=True)[1]["history"])
+    second = cli("--prompt", "class A:", "--prompt-cache-file", str(f), "--num-draft", "2")
+    model, tok = load()
+    cold = generate(model, tok, history + tok.encode("class A:"), 12)
+    assert second == cold and cold
+    bad = subprocess.run(
+        common + ["--prompt-cache-file", str(tmp_path / "none.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "none.safetensors" in bad.stderr and "Traceback" not in bad.stderr
