@@ -113,7 +113,11 @@ def run(a):
         pc = make_prompt_cache(model, draft_mtp=a.draft_mtp)
     templated = not a.ignore_chat_template and tokenizer.has_chat_template
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=templated, history=messages)
+    branch = None  # where the next turn's re-rendered prompt leaves this one: after the user message
     if pc is not None:  # the whole conversation: the cache reuses the prefix it shares
+        if templated:
+            kw = dict(system=a.system, history=messages, generation_prompt=False)
+            branch = min(len(build_prompt(tokenizer, text, **kw)), len(prompt) - 1)
         prompt = pc.continuation(prompt if templated else pc.history + prompt)
     if a.verbose:
         print(tokenizer.decode(prompt), end="")
@@ -131,6 +135,7 @@ def run(a):
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
         prompt_cache=pc,
+        checkpoints=[branch] if branch else (),
     ):
         print(last.text, end="", flush=True)
         reply += last.text
@@ -141,8 +146,9 @@ def run(a):
         if not messages and a.system:
             messages.append({"role": "system", "content": a.system})
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        save_prompt_cache(a.save_prompt_cache, pc, {"messages": json.dumps(messages)})
-        print(f"Prompt cache: {len(pc.tokens)} tokens saved to {a.save_prompt_cache}")
+        state = pc.at(branch) if branch in pc.checkpoints else pc  # raw text: it continues at the end
+        save_prompt_cache(a.save_prompt_cache, state, {"messages": json.dumps(messages)})
+        print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
 
 
 if __name__ == "__main__":

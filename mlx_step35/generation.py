@@ -101,7 +101,10 @@ def generate_step(
         start, marks = 0, None
     else:
         if draft_mtp and prompt_cache.drafter is None:
-            raise ValueError("this prompt cache was made with draft_mtp=False: it cannot draft")
+            raise ValueError(
+                "this prompt cache holds no MTP state (made with draft_mtp=False, or by generate.py "
+                "without --draft-mtp): continue it without drafting, or start it again with drafting"
+            )
         tokens = prompt_cache.history + tokens
         start = prompt_cache.reuse(tokens)
         cache, drafter = prompt_cache.cache, prompt_cache.drafter  # a drafter is kept fed
@@ -370,7 +373,7 @@ def generate(
 def format_stats(r: GenerationResponse) -> str:
     lines = [
         f"Prompt: {r.prompt_tokens} tokens"
-        + (f" ({r.cached_tokens} of the conversation's reused from the cache)" if r.cached_tokens else "")
+        + (f" (after {r.cached_tokens} reused from the prompt cache)" if r.cached_tokens else "")
         + f", {r.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
     ]
@@ -401,12 +404,15 @@ def build_prompt(
     system: Optional[str] = None,
     chat_template: bool = True,
     history: Sequence[dict] = (),
+    generation_prompt: bool = True,
 ) -> List[int]:
     """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate
     does) after the `history` messages of the conversation so far."""
     if chat_template and getattr(tokenizer, "has_chat_template", False):
         messages = list(history) or ([{"role": "system", "content": system}] if system else [])
         messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

@@ -125,7 +125,7 @@ def test_closed_early_keeps_the_cache_consistent(random_model):
 def test_no_drafter_cache_refuses_drafting(random_model):
     pc = make_prompt_cache(random_model, draft_mtp=False)
     run(random_model, SYSTEM, pc)
-    with pytest.raises(ValueError, match="draft_mtp=False"):
+    with pytest.raises(ValueError, match="holds no MTP state"):
         run(random_model, [5], pc, draft_mtp=True, num_draft=1)
 
 
@@ -265,8 +265,9 @@ def test_store_full_disk_loses_the_file_not_the_answer(random_model, tmp_path, m
 
 
 def test_cli_continues_a_saved_conversation(tmp_path):
-    """generate.py --save-prompt-cache, then --prompt-cache-file: the second answer is that
-    of a cold run over the whole conversation (demo model, raw text, drafting)."""
+    """generate.py --save-prompt-cache, then --prompt-cache-file: the second answer is that of
+    a cold run over the whole re-rendered chat (demo model, its chat template, drafting), and
+    the second run reuses the first turn up to the end of its user message."""
     import json
     import subprocess
     import sys
@@ -275,21 +276,25 @@ def test_cli_continues_a_saved_conversation(tmp_path):
     import mlx.core as mx
 
     from mlx_step35 import generate
+    from mlx_step35.generation import build_prompt
 
     root = Path(__file__).resolve().parents[1]
     f = tmp_path / "chat.safetensors"
-    common = [sys.executable, str(root / "generate.py"), "--ignore-chat-template", "-m", "12", "--draft-mtp"]
+    common = [sys.executable, str(root / "generate.py"), "-m", "12", "--draft-mtp"]
 
     def cli(*args):
         r = subprocess.run(common + list(args), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        return r.stdout.split("\n==========")[0]
+        return r.stdout.split("\n==========")[0], r.stdout
 
     cli("--prompt", "def f(x):", "--save-prompt-cache", str(f))
-    history = json.loads(mx.load(str(f), return_metadata=True)[1]["history"])
-    second = cli("--prompt", "class A:", "--prompt-cache-file", str(f), "--num-draft", "2")
+    messages = json.loads(mx.load(str(f), return_metadata=True)[1]["messages"])
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    second, out = cli("--prompt", "class A:", "--prompt-cache-file", str(f), "--num-draft", "2")
     model, tok = load()
-    cold = generate(model, tok, history + tok.encode("class A:"), 12)
+    first_user = build_prompt(tok, "def f(x):", generation_prompt=False)
+    assert f"(after {len(first_user)} reused from the prompt cache)" in out
+    cold = generate(model, tok, build_prompt(tok, "class A:", history=messages), 12)
     assert second == cold and cold
     bad = subprocess.run(
         common + ["--prompt-cache-file", str(tmp_path / "none.safetensors")],
