@@ -199,6 +199,20 @@ def test_short_read_names_the_file(tmp_path):
     reader.close()
 
 
+def test_no_stacked_expert_tensor_is_ever_read_whole(conv, budget_gb, monkeypatch):
+    read, jobs = [], []
+    original_read, original_jobs = ShardReader.read, ExpertReader.read
+    monkeypatch.setattr(
+        ShardReader, "read", lambda self, key, *a: read.append(key) or original_read(self, key, *a)
+    )
+    monkeypatch.setattr(ExpertReader, "read", lambda self, js: jobs.extend(js) or original_jobs(self, js))
+    model = load(conv, expert_cache_gb=budget_gb)[0]
+    list(generate_step(model, PROMPT, max_tokens=8))
+    assert read and not [k for k in read if "switch_mlp" in k]
+    stride = {t.stride for ts in model.expert_cache.plan.layers.values() for t in ts.values()}
+    assert jobs and {nbytes for _, _, nbytes, _, _ in jobs} <= stride  # one expert's rows per read
+
+
 def test_budget_too_small_refused_before_loading(conv, expert_size, monkeypatch):
     minimum = MIN_SLOTS * len(MOE_LAYERS) * expert_size
 
