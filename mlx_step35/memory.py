@@ -307,11 +307,27 @@ def assess(needs: Needs, device: Device, smaller: Optional[Dict[int, int]] = Non
                 f"convert.py -q --q-bits {bits}){_fit(others + weights, device)}"
             )
             break
+    cache_gb = _expert_cache_fit(needs, device)
+    if cache_gb:
+        fixes.append(
+            f"--expert-cache-gb {cache_gb} (a quantized conversion: the routed experts stay on disk "
+            "and are read on demand; slower)"
+        )
     tokens = _max_context(needs, device)
     if tokens:
         at = needs.total - needs.kv_per_token * (_steps(needs.context) - tokens)
         fixes.append(f"a shorter context: at most {tokens} tokens (prompt + max tokens){_fit(at, device)}")
     return Preflight(needs, device, verdict, fixes)
+
+
+def _expert_cache_fit(needs: Needs, device: Device) -> int:
+    """GB (1e9) of expert cache that fits beside everything else without raising the wired
+    limit (issue 12's `expert_cache_gb`); 0 when experts are already cached or under 4 GB fit."""
+    if needs.expert_cache or not needs.experts:
+        return 0
+    budget = device.recommended if device.recommended is not None else device.memory - OS_RESERVE
+    room = budget - (needs.total - needs.experts)
+    return int(min(room, needs.experts) // 1e9) if room >= 4e9 else 0
 
 
 def _max_context(needs: Needs, device: Device) -> int:

@@ -73,13 +73,19 @@ def preflight_table(bits=(3, 4, 8), macs=(64, 128, 192), context=32768) -> str:
 
 
 def _cell(report) -> str:
-    """A short table cell: fits, the sysctl, or 'no' and the first fix (bits; context)."""
+    """A short table cell: fits, the sysctl, or 'no' and the first fix."""
     if report.ok:
         return "fits"
-    fixes = [f.split(" (for a conversion")[0].split(": ")[-1] + f.split(")")[-1] for f in report.fixes]
     if report.verdict == "raise-wired-limit":
         return f"`{report.fixes[0]}`"
-    return "no" + (f"; {fixes[0]}" if fixes else f": needs more than its {gb(report.device.memory)}")
+    if not report.fixes:
+        return f"no: needs more than its {gb(report.device.memory)}"
+    fix = report.fixes[0]
+    if fix.startswith("--expert-cache-gb"):
+        fix = f"`{fix.split(' (')[0]}` (experts from disk)"
+    elif "-bit weights" in fix:  # "B-bit weights (...): --q-bits B (...) fits ..."
+        fix = f"`--q-bits {fix.split('-bit')[0]}`{fix.rsplit(')', 1)[-1]}"
+    return f"no; {fix}"
 
 
 def main():

@@ -318,6 +318,11 @@ def test_preflight_expert_cache_hook(real_index):
     assert cached.needs.weights == full.needs.weights - experts
     assert cached.needs.expert_cache == 20 * 10**9
     assert "expert cache" in cached.text()
+    # The 4-bit model cannot fit a 64 GB Mac; the fix names the largest expert cache that does.
+    assert full.refuse
+    gb = int((48 * GIB - (full.needs.total - experts)) // 10**9)
+    assert f"--expert-cache-gb {gb} " in full.text()
+    assert preflight(real_index, q_bits=4, expert_cache_gb=gb, device=macos(64)).ok
 
 
 def test_load_refuses_what_cannot_fit_and_force_goes_on(tiny_ckpt, mac):
