@@ -9,7 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
-from .memory import DECODE_CLEAR_EVERY, wired_limit
+from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
@@ -128,10 +128,8 @@ def generate_step(
                 rest = _speculative(
                     model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
                 )
-            for n, out in enumerate(rest, start=2):
-                yield out
-                if n % DECODE_CLEAR_EVERY == 0:  # keep MLX's buffer cache from growing on top of the model
-                    mx.clear_cache()
+            # The first token is out: clear MLX's buffer cache after every DECODE_CLEAR_EVERY-th.
+            yield from clearing_cache(rest, DECODE_CLEAR_EVERY, first=2)
     finally:
         if prompt_cache is not None:
             prompt_cache.finish(tokens)

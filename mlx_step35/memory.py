@@ -11,9 +11,9 @@ import math
 import os
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -112,6 +112,17 @@ def wired_fix(need: int, total: int) -> str:
     """The sysctl that lets the GPU wire `need` bytes (in whole GiB, at most total - OS_RESERVE)."""
     mb = min(math.ceil(need / GIB) * 1024, (total - OS_RESERVE) // MIB)
     return f"sudo sysctl iogpu.wired_limit_mb={mb}"
+
+
+def clearing_cache(items: Iterator, every: int, first: int = 1) -> Iterator:
+    """Yield from `items`, clearing MLX's buffer cache after item number `every`, 2 * `every`,
+    ... (numbered from `first`), so freed buffers do not pile up on top of the model, as
+    mlx-lm's decoding loop does. Closing this closes `items` (their cleanup runs)."""
+    with closing(items):
+        for n, item in enumerate(items, start=first):
+            yield item
+            if n % every == 0:
+                mx.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------
