@@ -1,6 +1,7 @@
 """Generation in three layers, as in mlx-lm: a token generator (with optional MTP
 speculative decoding), a stream of GenerationResponse, and `generate()` joining text."""
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ def generate_step(
     """
     sampler = as_sampler(sampler)
     stats = stats if stats is not None else SpecStats()
+    _release_at_thread_end()
     if not prompt:
         raise ValueError("the prompt is empty")
     if draft_mtp:
@@ -106,6 +108,23 @@ def generate_step(
 
 # One generation stream per thread, as mlx-lm: MLX streams belong to the thread that made them.
 generation_stream = mx.new_thread_local_stream(mx.default_device())
+_thread_state = threading.local()
+
+
+class _ReleaseAtThreadEnd:
+    """Calls `mx.clear_streams()` when its thread's Python state is cleared (before
+    `Thread.join()` returns). MLX asks every worker thread to do so before it ends: the
+    thread's compile cache and random key hold Python objects, and if their C++ thread-exit
+    destructors find the interpreter finalizing they abort the process ("terminate called
+    without an active exception", exit 134)."""
+
+    def __del__(self):
+        mx.clear_streams()
+
+
+def _release_at_thread_end():
+    if threading.current_thread() is not threading.main_thread() and not hasattr(_thread_state, "release"):
+        _thread_state.release = _ReleaseAtThreadEnd()
 
 
 def _prefill(model, tokens, cache, drafter, step):
