@@ -3,7 +3,7 @@
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
-from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
+from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
 
 DEFAULTS = dict(asdict(Sampler()), max_tokens=MAX_TOKENS)  # the package's defaults, defined there
@@ -62,6 +62,12 @@ def main(argv=None):
         "measured acceptance and step times",
     )
     p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=PREFILL_STEP,
+        help="prompt tokens per prefill chunk (default %(default)s)",
+    )
+    p.add_argument(
         "--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit"
     )
     p.add_argument(
@@ -75,6 +81,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.prefill_step_size < 1:
+        p.error("--prefill-step-size must be at least 1")
     with user_errors(p.prog):
         run(a)
 
@@ -89,7 +97,8 @@ def run(a):
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
+    # the MTP blocks are loaded only to draft with
+    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype, mtp=a.draft_mtp)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
     if a.verbose:
@@ -107,6 +116,7 @@ def run(a):
         logits_processors=procs,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        prefill_step_size=a.prefill_step_size,
     ):
         print(last.text, end="", flush=True)
     print("\n" + "=" * 10)

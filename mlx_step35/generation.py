@@ -20,7 +20,7 @@ from .speculative import (
     draft_bytes_ratio,
 )
 
-PREFILL_STEP = 512
+PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
 MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"
@@ -72,6 +72,8 @@ def generate_step(
     _release_at_thread_end()
     if not prompt:
         raise ValueError("the prompt is empty")
+    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
     if draft_mtp:
         num_draft = check_num_draft(num_draft)
         if not model.num_mtp:
@@ -128,20 +130,20 @@ def _release_at_thread_end():
 
 
 def _prefill(model, tokens, cache, drafter, step):
-    """Run the prompt through the trunk in chunks; returns the last token's hidden states.
-    Without a drafter only the KV caches of all but the last token are needed, so only
-    they are evaluated (as mlx-lm does); the MTP blocks need every position's hidden state."""
-    if drafter is None:
-        for s in range(0, len(tokens) - 1, step):
-            model.hidden(mx.array([tokens[s : min(s + step, len(tokens) - 1)]]), cache)
-            mx.eval([(c.keys, c.values) for c in cache])
-        return model.hidden(mx.array([tokens[-1:]]), cache)
-    for s in range(0, len(tokens), step):
-        h = model.hidden(mx.array([tokens[s : s + step]]), cache)
-        drafter.add_trunk(h)
-        drafter.commit(tokens)
-        mx.eval(h)
-    return h
+    """Run the prompt through the trunk in chunks of `step` tokens; returns the last token's
+    hidden states. Each chunk is evaluated before the next is built: the trunk's KV caches
+    and, with a drafter, the MTP blocks' work on the chunk (their caches and the hidden rows
+    they still need), so no prompt work is left for the first draft. Without a drafter the
+    last token goes through after the loop, so only KV caches are evaluated (as mlx-lm)."""
+    end = len(tokens) if drafter else len(tokens) - 1
+    h = None
+    for s in range(0, end, step):
+        h = model.hidden(mx.array([tokens[s : min(s + step, end)]]), cache)
+        if drafter:
+            drafter.add_trunk(h)
+            drafter.commit(tokens)
+        mx.eval([(c.keys, c.values) for c in cache], drafter.state() if drafter else [])
+    return h if drafter else model.hidden(mx.array([tokens[-1:]]), cache)
 
 
 def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, policy=None, stats=None):

@@ -51,7 +51,7 @@ class SpecStats:
 
 
 class MTPDrafter:
-    def __init__(self, model, slack: int, chunk: int = 512):
+    def __init__(self, model, slack: int, chunk: int = 2048):
         self.model = model
         self.K = model.num_mtp
         self.cache = model.make_mtp_cache(slack)
@@ -70,6 +70,11 @@ class MTPDrafter:
         self.done[0] += h.shape[1]
         if self.horizon and self.done[0] - min(self.done[1:]) > 2 * self.horizon:
             self._skip_ahead(self.done[0] - self.horizon)
+
+    def state(self) -> List[mx.array]:
+        """Every array the drafter holds: its blocks' KV caches and the hidden rows kept."""
+        kv = [a for c in self.cache for a in (c.keys, c.values) if a is not None]
+        return kv + [h for h in self.hidden + self._rows if h is not None]
 
     def _trunk_rows(self):
         if self._rows:
