@@ -193,55 +193,77 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
 
 
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
-    """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
-    and verification form one lazy graph, evaluated once when the step is decided."""
+    """Draft, verify, accept, rewind; yields the accepted tokens of each step.
+
+    Pipelined, with one sync per step (in `accept`): a step is queued as soon as it is
+    built (its drafts before its trunk pass is built, so the device drafts meanwhile), and
+    the next step is built and queued from the tokens just accepted before they are
+    yielded, so the device is busy while the caller handles them."""
     n_out = 0
     slack = policy.max_depth + 1
     n = None  # the depth of the next step, when already chosen
-    while n_out < max_new:
-        n = min(policy.choose() if n is None else n, max_new - n_out - 1)
-        if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
-            start = len(tokens)
-            n = yield from _plain_run(
-                model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
-            )
-            n_out += len(tokens) - start
-            continue
-        tic = time.perf_counter()
-        if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
-            grow_slack(cache, slack)
-            slack = 0
-        drafts, dists = (
-            drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
+    step = None  # the next step, already queued: (depth, drafts, dists, h, logprobs, start time)
+    try:
+        while n_out < max_new:
+            if step is None:
+                n = min(policy.choose() if n is None else n, max_new - n_out - 1)
+                if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
+                    start = len(tokens)
+                    n = yield from _plain_run(
+                        model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
+                    )
+                    n_out += len(tokens) - start
+                    continue
+                if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
+                    grow_slack(cache, slack)
+                    slack = 0
+                step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
+            n, drafts, dists, h, lp, tic = step
+            n_acc, nxt = accept(drafts, dists, lp, sampler)
+            rewind(cache, n - n_acc)
+            step = None
+            drafter.add_trunk(h[:, : n_acc + 1])
+            policy.update(n, n_acc, time.perf_counter() - tic)
+            stats.record(n, n_acc)
+            stats.verify_steps += 1
+            new = drafts[:n_acc].tolist() + [nxt]
+            tokens.extend(new)
+            n = None
+            left = max_new - n_out - len(new)  # tokens still wanted after these
+            if left > 0:
+                n = min(policy.choose(), left - 1)
+                if n or not policy.plain_check:
+                    step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
+            for i, t in enumerate(new):
+                yield t, lp[i], i < n_acc
+                n_out += 1
+                if n_out >= max_new:
+                    return
+    finally:  # a step queued when the caller stops: its trunk entries go
+        if step is not None:
+            rewind(cache, step[0] + 1)
+
+
+def _queue_step(model, tokens, cache, drafter, n, sampler, processors):
+    """Build and queue one speculative step after tokens[-1] (verified, not yet through the
+    trunk): n drafts, then the trunk pass verifying them and its processed log-probabilities."""
+    tic = time.perf_counter()
+    drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
+    if n:
+        mx.async_eval(drafts, dists)
+    inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
+    h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
+    logits = model.logits(h)[0]
+    if processors:
+        hist = mx.array(tokens, dtype=mx.int32)
+        lp = mx.concatenate(
+            [process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors) for i in range(n + 1)]
         )
-        inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
-        h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
-        logits = model.logits(h)[0]
-        if processors:
-            hist = mx.array(tokens, dtype=mx.int32)
-            lp = mx.concatenate(
-                [
-                    process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors)
-                    for i in range(n + 1)
-                ]
-            )
-        else:
-            lp = logits.astype(mx.float32)
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        n_acc, nxt = accept(drafts, dists, lp, sampler)
-        rewind(cache, n - n_acc)
-        drafter.add_trunk(h[:, : n_acc + 1])
-        policy.update(n, n_acc, time.perf_counter() - tic)
-        stats.record(n, n_acc)
-        stats.verify_steps += 1
-        n = None
-        new = drafts[:n_acc].tolist() + [nxt]
-        tokens.extend(new)
-        for i, t in enumerate(new):
-            yield t, lp[i], i < n_acc
-            n_out += 1
-            if n_out >= max_new:
-                return
+    else:
+        lp = logits.astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    mx.async_eval(lp)
+    return n, drafts, dists, h, lp, tic
 
 
 def _peak_gb() -> float:

@@ -112,3 +112,48 @@ def test_cli_bad_prefill_step_size(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prefill-step-size" in err[0]
+
+
+@pytest.fixture(scope="module")
+def perfect_model(tiny_ckpt):
+    from spec_models import successor_model
+
+    return successor_model(tiny_ckpt, eps=0.0)[0]
+
+
+def test_speculative_steps_are_queued_ahead(perfect_model, monkeypatch):
+    """Each step's drafts are queued before its trunk pass is built, and the next step is
+    built and queued before the tokens of the step just accepted reach the caller."""
+    from mlx_step35 import generation
+
+    events = []
+    real_hidden, real_async, real_accept = Model.hidden, mx.async_eval, generation.accept
+    monkeypatch.setattr(
+        Model, "hidden", lambda self, x, c=None: events.append("trunk") or real_hidden(self, x, c)
+    )
+    monkeypatch.setattr(mx, "async_eval", lambda *a: events.append("queue") or real_async(*a))
+    monkeypatch.setattr(generation, "accept", lambda *a: events.append("sync") or real_accept(*a))
+    gen = generate_step(perfect_model, PROMPT[:10], max_tokens=13, draft_mtp=True, num_draft=3)
+    next(gen)  # the prompt's token
+    events.clear()
+    for _ in gen:
+        events.append("yield")
+    steps = "".join({"trunk": "T", "queue": "Q", "sync": "S", "yield": "y"}[e] for e in events).split("S")
+    # 12 tokens in 3 steps of 3 drafts + 1, the first built when the second token is asked for;
+    # each queues the next (drafts, trunk pass, its log-probabilities) before yielding its
+    # tokens; the last one has nothing left to queue
+    assert steps == ["QTQ", "QTQyyyy", "QTQyyyy", "yyyy"]
+
+
+def test_closing_mid_step_leaves_trunk_caches_at_the_verified_tokens(perfect_model, monkeypatch):
+    caches = []
+    real_make = Model.make_cache
+    monkeypatch.setattr(
+        Model, "make_cache", lambda self, slack: caches.append(real_make(self, slack)) or caches[-1]
+    )
+    prompt = PROMPT[:10]
+    gen = generate_step(perfect_model, prompt, max_tokens=40, draft_mtp=True, num_draft=3)
+    next(gen), next(gen)  # the prompt's token, then the first of a step's 4 (the next step is queued)
+    gen.close()
+    # through the trunk: the prompt, the prompt's token and the step's 3 accepted drafts
+    assert {c.offset for c in caches[0]} == {len(prompt) + 4}
