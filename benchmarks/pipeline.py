@@ -10,8 +10,10 @@ prompt of benchmark 2. Run before/after versions as separate processes, interlea
     python benchmarks/pipeline.py --code /tmp/base --rounds 3   # e.g. the previous commit
     python benchmarks/pipeline.py --rounds 3
 
-Prints one JSON line: per depth, the median and mean gap in ms, the median step time in
-ms (sync to sync), and the tokens generated (compare them across versions: identical).
+Prints one JSON line: per depth, the median and mean gap in ms; the median time from the
+sync to the last work queued before the next sync (the verify pass: until then the host is
+building the step), the median step time in ms (sync to sync), and a hash of the tokens
+generated (compare it across versions: identical).
 """
 
 import argparse
@@ -61,7 +63,7 @@ def main():
     mx.eval, mx.async_eval = wrap(real_eval), wrap(real_async)
     out = {}
     for depth in map(int, a.depths.split(",")):
-        gaps, steps, tokens = [], [], []
+        gaps, whole, steps, tokens = [], [], [], []
         for r in range(a.rounds + 1):  # round 0: warm-up
             for q in prompts:
                 events.clear()
@@ -76,12 +78,14 @@ def main():
                 tokens.append(toks)
                 syncs = [i for i, (kind, _) in enumerate(events) if kind == "sync"]
                 for i, j in zip(syncs, syncs[1:]):
-                    first = next(t for kind, t in events[i + 1 : j + 1] if kind == "queue")
-                    gaps.append(first - events[i][1])
+                    queued = [t for kind, t in events[i + 1 : j + 1] if kind == "queue"]
+                    gaps.append(queued[0] - events[i][1])
+                    whole.append(queued[-1] - events[i][1])
                     steps.append(events[j][1] - events[i][1])
         out[depth] = dict(
             gap_ms_median=1e3 * statistics.median(gaps),
             gap_ms_mean=1e3 * statistics.mean(gaps),
+            to_verify_queued_ms_median=1e3 * statistics.median(whole),
             step_ms_median=1e3 * statistics.median(steps),
             steps=len(gaps),
             tokens_hash=hash(json.dumps(tokens)),

@@ -64,8 +64,10 @@ def generate_step(
     With `draft_mtp`, each step drafts `num_draft` tokens with the chained MTP blocks
     ("auto": the depth, 0 included, that the measured acceptance and step times favour),
     verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
-    own next token (see `speculative.accept`): the output is exactly that of plain
-    decoding (greedy) or distributed exactly like it (sampling).
+    own next token (see `speculative.accept`): sampled output is distributed exactly like
+    plain decoding's, greedy output is the trunk's argmax at every token. On the CPU backend
+    that is token-for-token plain decoding's output; on Metal a verify pass over n+1 rows may
+    round differently from a one-row pass, so at an exact near-tie its argmax can differ.
     """
     sampler = as_sampler(sampler)
     stats = stats if stats is not None else SpecStats()
