@@ -2,6 +2,8 @@
 chunk by chunk, and the MTP blocks loaded only to draft with."""
 
 import inspect
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,6 +15,7 @@ from mlx_step35.generation import PREFILL_STEP, generate_step
 from mlx_step35.model import Model
 from mlx_step35.speculative import MTPDrafter
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [int(t) for t in np.random.default_rng(11).integers(3, 500, 45)]
 
 
@@ -157,3 +160,29 @@ def test_closing_mid_step_leaves_trunk_caches_at_the_verified_tokens(perfect_mod
     gen.close()
     # through the trunk: the prompt, the prompt's token and the step's 3 accepted drafts
     assert {c.offset for c in caches[0]} == {len(prompt) + 4}
+
+
+def test_near_ties_script_reports_where_drafting_parts_ways(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import near_ties
+
+    from mlx_step35 import generation
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\\nworld\nabc\n")
+    args = ["--model", str(tiny_ckpt), "--prompts", str(prompts), "--max-tokens", "12", "--num-draft", "2"]
+    near_ties.main(args)
+    assert "0 of 2 prompts diverged within 12 tokens" in capsys.readouterr().out
+    real_accept = generation.accept
+
+    def second_choice(drafts, dists, lp, sampler):  # a verify pass whose argmax is the runner-up
+        n_acc, _ = real_accept(drafts, dists, lp, sampler)
+        return n_acc, int(mx.argsort(lp[n_acc])[-2].item())
+
+    monkeypatch.setattr(generation, "accept", second_choice)
+    near_ties.main(args)
+    out = capsys.readouterr().out
+    gaps = [
+        float(line.split("log-prob gap ")[1].split()[0]) for line in out.splitlines() if "differs" in line
+    ]
+    assert "2 of 2 prompts diverged" in out and len(gaps) == 2 and min(gaps) > 0  # plain's is the argmax
