@@ -72,6 +72,7 @@ def main():
         k = r % len(configs)
         for c in configs[k:] + configs[:k]:
             m, s = one(model, prompt, *c)
+            print(f"round {r}: chunk {c[0]}, drafter {c[1]}: {m / 2**20:.1f} MB, {s:.2f} s", flush=True)
             peak[c].append(m)
             secs[c].append(s)
     print(f"prompt {a.prompt_tokens} tokens, {a.rounds} rounds; peak MLX memory above the weights")
