@@ -131,8 +131,9 @@ class MTPDrafter:
         self, seq: List[int], n: int, sampler: Sampler, processors=None
     ) -> Tuple[mx.array, List[mx.array]]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
-        verified token). Returns the drafts as a lazy int32 array [n] and, per draft, the
-        distribution it was drawn from [1, V] (lazy: nothing is evaluated here)."""
+        verified token). Returns the drafts as an int32 array [n] and, per draft, the
+        distribution it was drawn from [1, V]; each draft is queued (`mx.async_eval`) as soon
+        as it is built, nothing waits for them here."""
         self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
@@ -159,6 +160,7 @@ class MTPDrafter:
                     tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
                     dists.append(dist)
                 drafts.append(tok)
+                mx.async_eval(tok, dists[-1:])  # queued: block k computes while k+1 is built
         finally:  # keep only committed entries, whatever happened
             for k in range(1, self.K + 1):
                 rewind([self.cache[k - 1]], self.cache[k - 1].offset - self.done[k])
