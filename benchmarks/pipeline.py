@@ -1,4 +1,4 @@
-"""Benchmark 6: host time on a speculative step's critical path.
+"""Benchmark 7: host time on a speculative step's critical path.
 
 Per speculative step, the time from the end of the step's sync (`speculative.accept`
 returns) to the next step's first queued work (the next `mx.eval` or `mx.async_eval`

@@ -1,4 +1,4 @@
-"""Benchmark 5: prefill chunk size (512 vs 2048 tokens), with and without the MTP drafter.
+"""Benchmark 6: prefill chunk size (512 vs 2048 tokens), with and without the MTP drafter.
 
 For a prompt of --prompt-tokens random ids, runs `generate_step` up to the first token and
 reports MLX's peak memory above what was allocated before the prompt (the weights), i.e. the
