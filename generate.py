@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
 from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
-from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
+from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
 from mlx_step35.weights import QuantRecipe
 
@@ -20,8 +20,9 @@ def main(argv=None):
     p = ArgumentParser(
         prog="generate.py",
         description=__doc__ + " With --draft-mtp, each step drafts up to --num-draft tokens with "
-        "the chained MTP blocks and verifies them in one trunk pass: greedy output is identical "
-        "to plain decoding and sampled output has exactly the same distribution.",
+        "the chained MTP blocks and verifies them in one trunk pass: sampled output has exactly "
+        "plain decoding's distribution and greedy output is identical to it on the CPU (on Metal, "
+        "up to near-ties that the wider pass rounds differently).",
         epilog="Example: python generate.py --model ~/models/Step-3.5-Flash-4bit --draft-mtp "
         '--prompt "def fibonacci(n):"',
     )
@@ -67,6 +68,12 @@ def main(argv=None):
         choices=["1", "2", "3", "auto"],
         help=f"tokens drafted per step (giving it implies --draft-mtp); {NUM_DRAFT} (default) picks 0-3 "
         "each step from the measured acceptance and step times",
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=PREFILL_STEP,
+        help="prompt tokens per prefill chunk (default %(default)s)",
     )
     p.add_argument(
         "--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit"
@@ -130,6 +137,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.prefill_step_size < 1:
+        p.error("--prefill-step-size must be at least 1")
     if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
         p.error("--expert-cache-gb must be positive")
     a.draft_mtp = a.draft_mtp or a.num_draft is not None
@@ -151,6 +160,7 @@ def check_memory(a, text: str) -> int:
         quantize=not a.no_quantize,
         q_bits=a.q_bits,
         dtype=a.dtype,
+        mtp=a.draft_mtp,
         context=context,
         draft=a.draft_mtp,
         expert_cache_gb=a.expert_cache_gb,
@@ -210,6 +220,7 @@ def run(a):
         logits_processors=procs,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        prefill_step_size=a.prefill_step_size,
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
     ):
@@ -244,6 +255,7 @@ def load_model(a, context: int):
         quantize=not a.no_quantize,
         q_bits=a.q_bits,
         dtype=a.dtype,
+        mtp=a.draft_mtp,  # the MTP blocks are loaded only to draft with
         context=context,
         force=True,  # check_memory decided
         expert_cache_gb=a.expert_cache_gb,

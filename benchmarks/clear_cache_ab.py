@@ -4,6 +4,7 @@ speed? Benchmark 1's `run` on the demo model, in one process: mlx_step35 as ship
 (an A/A control), in rotating order; ratios taken within each round.
 
     python benchmarks/clear_cache_ab.py [--rounds 9] [--prompt-tokens 600] [--gen-tokens 280]
+        [--prefill-step-size 512]
 """
 
 import argparse
@@ -24,6 +25,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--prompt-tokens", type=int, default=600)
     ap.add_argument("--gen-tokens", type=int, default=280)
+    ap.add_argument("--prefill-step-size", type=int, default=512, help="512: the prompt spans chunks")
     a = ap.parse_args()
     real, clears = mx.clear_cache, {"on": True}
     mx.clear_cache = lambda: real() if clears["on"] else None
@@ -36,13 +38,19 @@ def main():
     def ours_fn(on):
         def fn():
             clears["on"] = on
-            return generate_step(ours, prompt, max_tokens=a.gen_tokens)
+            return generate_step(ours, prompt, max_tokens=a.gen_tokens, prefill_step_size=a.prefill_step_size)
 
         return fn
 
     def theirs_fn():
         clears["on"] = True
-        return mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=a.gen_tokens, sampler=greedy)
+        return mlx_lm_generate_step(
+            mx.array(prompt),
+            theirs,
+            max_tokens=a.gen_tokens,
+            sampler=greedy,
+            prefill_step_size=a.prefill_step_size,
+        )
 
     impls = {"shipped": ours_fn(True), "no clears": ours_fn(False), "mlx-lm": theirs_fn}
     impls["shipped again (A/A)"] = impls["shipped"]
