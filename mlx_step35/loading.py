@@ -67,7 +67,7 @@ def make_recipe(quantize, q_bits: int = 4, q_group_size: int = 64) -> Optional[Q
 def build(path: Path, *, recipe, dtype, mtp: bool):
     """Model with empty (lazy) weights, its args, config, checkpoint keys and weight plan."""
     config = load_config(path)
-    args = parse_config(config)
+    args = parse_config(config, source=str(path / "config.json"))
     keys = checkpoint_keys(path)
     nested = config.get("model_type") == "step3p7"
     with_mtp = mtp and args.num_nextn_predict_layers > 0 and has_mtp_weights(keys, args, nested)

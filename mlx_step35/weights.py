@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import FORMAT_KEY, ModelArgs
-from .safetensors_io import CheckpointError, ShardReader, iter_shards, shard_files
+from .safetensors_io import CheckpointError, ShardReader, open_shards
 
 # HF checkpoint name -> our module name (mlx-lm's step3p5 names, so conversions load there too).
 RENAMES = [
@@ -107,11 +107,14 @@ def to_storage(internal: str, args: ModelArgs) -> str:
 
 
 def checkpoint_keys(path: Path) -> Dict[str, Path]:
-    """Every tensor key -> its shard, from the index or the shard headers."""
-    files, weight_map = shard_files(path)
-    if weight_map:
-        return {k: path / v for k, v in weight_map.items()}
-    return {k: f for f in files for k in ShardReader(f).keys()}
+    """Every tensor key -> its shard, from the index or the shard headers; every header and the
+    index are validated here, before anything is built or read."""
+    readers = open_shards(path)
+    keys = {}
+    for reader in readers:  # a key in two shards is refused while streaming
+        for key in reader.keys():
+            keys.setdefault(key, reader.path)
+    return keys
 
 
 def has_mtp_weights(keys, args: ModelArgs, nested: bool) -> bool:
@@ -239,18 +242,25 @@ def stream(
     """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses;
     `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars)."""
     wanted = None if only is None else {str(f) for f in only}
-    for reader in iter_shards(path):
+    for reader in open_shards(path):
         if wanted is not None and str(reader.path) not in wanted:
             continue
+        batch = []  # a conversion's shard: MLX reads it in one evaluation (as mlx_lm.load does)
         for key in reader.keys():
             internal = to_internal(key, plan.args, plan.nested)
             if internal is not None and skip_mtp and internal.startswith("mtp."):
                 continue
             for name, arr in plan.tensors(reader, key):
-                mx.eval(arr)
-                yield name, arr
+                if plan.fmt == "mlx":
+                    batch.append((name, arr))
+                else:  # transformed (and maybe quantized) one tensor at a time: bounded memory
+                    mx.eval(arr)
+                    yield name, arr
             if on_tensor:
                 on_tensor(reader.nbytes(key))
+        mx.eval([arr for _, arr in batch])
+        yield from batch
+        reader.close()
 
 
 def warn_unused(keys, args, nested):
