@@ -168,12 +168,12 @@ class ModelArgs:
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def text_config(config: Dict[str, Any]) -> Dict[str, Any]:
+def text_config(config: Dict[str, Any], source: str = "config.json") -> Dict[str, Any]:
     """The step3p5 dict, unwrapped from a Step-3.7 `text_config` if nested."""
     model_type = config.get("model_type")
     if model_type == "step3p7":
         if not isinstance(config.get("text_config"), dict):
-            raise ConfigError("model_type 'step3p7' needs a 'text_config' object")
+            raise ConfigError(f"{source}: model_type 'step3p7' needs a 'text_config' object")
         inner = dict(config["text_config"])
         for key in ("eos_token_id", "tie_word_embeddings", "quantization", FORMAT_KEY):
             if key in config and key not in inner:
@@ -182,7 +182,7 @@ def text_config(config: Dict[str, Any]) -> Dict[str, Any]:
         return inner
     if model_type != "step3p5":
         raise ConfigError(
-            f"unsupported model_type {model_type!r}: expected 'step3p5' (Step-3.5-Flash) "
+            f"{source}: unsupported model_type {model_type!r}: expected 'step3p5' (Step-3.5-Flash) "
             "or 'step3p7' (Step-3.7-Flash)"
         )
     return config
@@ -282,13 +282,9 @@ def check_fields(cfg: Dict[str, Any], source: str = "config.json") -> None:
     for name, (check, what) in FIELD_CHECKS.items():
         if name in cfg and not check(cfg[name]):
             raise _bad(source, name, cfg[name], what)
-    if cfg.get("moe_top_k", 8) > cfg.get("moe_num_experts", 288):
-        raise _bad(
-            source,
-            "moe_top_k",
-            cfg["moe_top_k"],
-            f"at most moe_num_experts ({cfg.get('moe_num_experts', 288)})",
-        )
+    top_k, experts = cfg.get("moe_top_k", 8), cfg.get("moe_num_experts", 288)  # ModelArgs' defaults
+    if top_k > experts:
+        raise _bad(source, "moe_top_k", top_k, f"at most moe_num_experts ({experts})")
     other = cfg.get("attention_other_setting") or {}
     for key in ("num_attention_heads", "num_attention_groups") if other else ():
         if not _pos_int()[0](other.get(key)):
@@ -337,7 +333,7 @@ def parse_config(config: Dict[str, Any], source: str = "config.json") -> ModelAr
     first (`source` names the file in errors)."""
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: is a JSON {type(config).__name__}, expected an object")
-    cfg = text_config(config)
+    cfg = text_config(config, source)
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ConfigError(f"{source} is missing required field(s): {', '.join(missing)}")

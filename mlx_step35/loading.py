@@ -119,5 +119,14 @@ def load(
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
     mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
-    tokenizer = load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
-    return model, tokenizer
+    return model, tokenizer_of(path, args)
+
+
+def tokenizer_of(path: Path, args) -> TokenizerWrapper:
+    """The checkpoint's tokenizer. transformers also reads config.json and the tokenizer files,
+    with checks of its own: whatever it refuses becomes one CheckpointError naming the folder."""
+    try:
+        return load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
+    except Exception as e:  # a third-party reader of untrusted files: any failure is the files'
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({detail[:300]})") from e

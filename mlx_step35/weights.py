@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import FORMAT_KEY, ModelArgs
+from .config import FORMAT_KEY, ConfigError, ModelArgs
 from .safetensors_io import CheckpointError, ShardReader, open_shards
 
 # HF checkpoint name -> our module name (mlx-lm's step3p5 names, so conversions load there too).
@@ -150,7 +150,10 @@ class WeightPlan:
                 self.quant[path] = params
             return params or False
 
-        nn.quantize(model, class_predicate=predicate)
+        try:
+            nn.quantize(model, class_predicate=predicate)
+        except ValueError as e:  # stored parameters MLX cannot apply (e.g. a group size that does not divide)
+            raise ConfigError(f"config.json: quantization does not fit the model ({e})") from None
         self.expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
 
     def tensors(self, reader: ShardReader, key: str) -> List[Tuple[str, mx.array]]:
@@ -169,9 +172,26 @@ class WeightPlan:
             raise CheckpointError(
                 f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, expected {list(want)}"
             )
+        self._check_dtype(reader, key, module, internal)
         if quantize and internal.endswith(".weight"):
             return self._quantized(reader, key, internal, module)
         return [(internal, self._prepare(reader.read(key), internal, module))]
+
+    def _check_dtype(self, reader: ShardReader, key: str, module: str, internal: str):
+        """Packed quantized weights are uint32, every other stored weight floating-point."""
+        stored = reader.dtype(key)
+        if module in self.prequant:
+            ok, what = (
+                (stored == mx.uint32, "uint32 (packed quantized)")
+                if internal.endswith(".weight")
+                else (True, "")
+            )
+        else:
+            ok, what = mx.issubdtype(stored, mx.floating), "a floating-point dtype"
+        if not ok:
+            raise CheckpointError(
+                f"{reader.path}: tensor {key} has dtype {reader.tensors[key]['dtype']}, expected {what}"
+            )
 
     def _prepare(self, w: mx.array, internal: str, module: str) -> mx.array:
         if self.fmt == "hf" and module in self.norms:

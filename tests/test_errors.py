@@ -339,10 +339,12 @@ def test_cli_main_one_line_exit_2(broken, case, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-# (script, case): each run spends ~3 s importing, so a few covering a config error, a shard error
+# (script, case): each run spends ~3 s importing, so a few covering a config error, a shard error,
+# an index pointing outside the model folder
 # and a failure in the middle of writing shards
 SUBPROCESS_CASES = [
     ("generate.py", "truncated"),
+    ("generate.py", "index_outside_folder"),
     ("generate.py", "bad_model_type"),
     ("convert.py", "wrong_shape"),
 ]
@@ -380,3 +382,34 @@ def test_cli_existing_output(tiny_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert_cli.main(["--hf-path", str(tiny_ckpt), "--mlx-path", str(tmp_path / "out"), "--quiet"])
     _check_cli(e.value.code, capsys.readouterr().err, str(tmp_path / "out"), "convert.py")
+
+
+def _state(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def trunk_conversion(tiny_ckpt_nomtp, tmp_path_factory):
+    return convert(tiny_ckpt_nomtp, tmp_path_factory.mktemp("graft") / "trunk_q", quantize=True)
+
+
+@pytest.mark.parametrize("case", list(ISSUE_16))
+def test_mtp_only_refuses_and_leaves_the_target(broken, case, trunk_conversion, capsys):
+    """`convert.py --mtp-only` with a broken source: one line, exit 2, the conversion untouched."""
+    path, culprit = broken[case]
+    before = _state(trunk_conversion)
+    argv = ["--hf-path", str(path), "--mlx-path", str(trunk_conversion), "--mtp-only", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        _script("convert").main(argv)
+    _check_cli(e.value.code, capsys.readouterr().err, culprit, "convert.py")
+    assert _state(trunk_conversion) == before
+
+
+def test_stored_dtype_must_fit_the_parameter(tiny_ckpt, tmp_path):
+    """Bytes relabelled with a same-width integer dtype pass the header checks but are not weights."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, path)
+    key = "model.layers.2.moe.router_bias"  # F32 in the checkpoint
+    name, _ = _edit_entry(path, key, lambda e: {**e, "dtype": "I32"})
+    with pytest.raises(CheckpointError, match=f"{name}: tensor {key} has dtype I32"):
+        load(path, quantize=False, dtype="float32")
