@@ -105,16 +105,17 @@ def load(
     model, args, _, keys, plan = build(
         path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
     )
-    seen = set()
+    weights = {}
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp):
-        if name in seen:
+        if name in weights:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
-        seen.add(name)
-        model.update(tree_unflatten([(name, arr)]), strict=False)
-    missing = plan.checkpoint_names(plan.missing(seen))
+        weights[name] = arr
+    missing = plan.checkpoint_names(plan.missing(weights))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    model.update(tree_unflatten(list(weights.items())), strict=False)
+    del weights
     model.eval()
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
