@@ -128,7 +128,7 @@ def read_header(path) -> Tuple[Dict[str, dict], Dict[str, str], int]:
     for (begin, end), key in spans:
         if begin != expected:
             raise CheckpointError(
-                f"{path}: invalid data_offsets: no tensor holds bytes [{expected}, {begin}] before tensor {key!r}"
+                f"{path}: invalid data_offsets: no tensor holds bytes [{expected}, {begin}) before tensor {key!r}"
             )
         expected = end
     data = size - 8 - n
@@ -188,6 +188,8 @@ class ShardReader:
                 self._lazy = mx.load(str(self.path))
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f"{self.path}: MLX cannot read this file ({e})") from None
+        if key not in self._lazy:
+            raise CheckpointError(f"{self.path}: tensor {key!r} is not found by MLX's reader of this file")
         arr = self._lazy.pop(key)  # handed out once: the reader keeps no evaluated tensor alive
         if tuple(arr.shape) != self.shape(key):
             raise CheckpointError(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mlx_step35 import CheckpointError, ConfigError, convert, load
@@ -413,3 +414,34 @@ def test_stored_dtype_must_fit_the_parameter(tiny_ckpt, tmp_path):
     name, _ = _edit_entry(path, key, lambda e: {**e, "dtype": "I32"})
     with pytest.raises(CheckpointError, match=f"{name}: tensor {key} has dtype I32"):
         load(path, quantize=False, dtype="float32")
+
+
+def test_conversion_read_by_mlx_only_after_validation(trunk_conversion, tmp_path, monkeypatch):
+    """A conversion's tensors come from mx.load, one call per shard, and a shard whose header
+    fails our checks never reaches it."""
+    calls = []
+    real = mx.load
+    monkeypatch.setattr(mx, "load", lambda f, *a, **k: calls.append(Path(f).name) or real(f, *a, **k))
+    load(trunk_conversion)
+    shards = sorted(f.name for f in trunk_conversion.glob("*.safetensors"))
+    assert sorted(calls) == shards
+    bad = tmp_path / "bad"
+    shutil.copytree(trunk_conversion, bad)
+    calls.clear()
+    overlapping_offsets_in(bad, shards[0])
+    with pytest.raises(CheckpointError, match="overlaps"):
+        load(bad)
+    assert calls == []
+
+
+def overlapping_offsets_in(p, name):
+    """The last tensor of shard `name` pointed at the first one's bytes (resized to match)."""
+
+    def edit(header):
+        keys = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+        first, last = header[keys[0]], header[keys[-1]]
+        last["data_offsets"] = first["data_offsets"]
+        last["shape"], last["dtype"] = first["shape"], first["dtype"]
+        return header
+
+    _edit_header(p, name, edit)
