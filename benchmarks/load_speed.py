@@ -3,14 +3,15 @@
 Each run is a fresh subprocess that imports both packages, then times only the load call (the
 model's arrays evaluated). Arms run interleaved, round by round (A B C, A B C, ...), so a machine
 shared with other work slows all arms alike; the summary is the median of per-round ratios to
-mlx-lm with a 95% bootstrap interval. Peak anonymous memory (RssAnon, polled every 5 ms by the
+mlx-lm with a 95% bootstrap interval, for wall time and for the process's CPU time (all
+threads; less sensitive than wall time to other work on the machine). Peak anonymous memory (RssAnon, polled every 5 ms by the
 parent: the process's own heap, not the page cache of the shards) and VmHWM as in memory.py.
 
 Arms: `ours` (this checkout), `mlx_lm` (mlx_lm.load on the same folder), and optionally `before`
 (`--before DIR`: another checkout of mlx_step35, e.g. the main branch, for a before/after).
 The checkpoint has no MTP blocks, so both loaders read exactly the same tensors.
 
-Usage: .venv/bin/python benchmarks/load_speed.py [--rounds 7] [--before /path/to/checkout]
+Usage: .venv/bin/python benchmarks/load_speed.py [--rounds 7] [--before /path/to/checkout] [--hf]
 """
 
 import argparse
@@ -36,16 +37,17 @@ import mlx.core as mx
 import mlx_lm
 import mlx_step35
 from mlx.utils import tree_flatten
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 if arm == "mlx_lm":
     model, _ = mlx_lm.load(path)
 else:
     model, _ = mlx_step35.load(path)  # an HF checkpoint: quantized to 4 bits while loading
 mx.eval(model.parameters())
-seconds = time.perf_counter() - t
+seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({
     "seconds": seconds,
+    "cpu": cpu,
     "maxrss": int(status["VmHWM"].split()[0]) * 1024,
     "mlx_peak": mx.get_peak_memory(),
     "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
@@ -129,22 +131,22 @@ def main():
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"checkpoint: {path} ({size / MB:.0f} MiB in {len(list(path.glob('*.safetensors')))} shards)")
     print(f"{a.rounds} interleaved rounds, fresh process per run, 1 warm-up run per arm first")
+    head = f"ratio to {base_arm}, median (95% CI)"
     print(
-        "| arm | load s (median, min-max) | ratio to mlx_lm (median, 95% CI) | peak anon MiB | VmHWM MiB | model MiB |"
+        f"| arm | wall s, median (min-max) | wall {head} | CPU s, median | CPU {head} | peak anon MiB | VmHWM MiB |"
     )
-    print("|---|---|---|---|---|---|")
-    base = [x["seconds"] for x in runs["mlx_lm"]]
+    print("|---|---|---|---|---|---|---|")
     for arm in arms:
-        s = [x["seconds"] for x in runs[arm]]
-        ratios = [x / y for x, y in zip(s, base)]
-        lo, hi = interval(ratios)
-        anon = median([x["peak_anon"] for x in runs[arm]]) / MB
-        hwm = median([x["maxrss"] for x in runs[arm]]) / MB
-        model = runs[arm][0]["model_bytes"] / MB
-        print(
-            f"| {arm} | {median(s):.3f} ({min(s):.3f}-{max(s):.3f}) | {median(ratios):.3f} ({lo:.3f}-{hi:.3f}) "
-            f"| {anon:.0f} | {hwm:.0f} | {model:.0f} |"
-        )
+        cells = [arm]
+        for field in ("seconds", "cpu"):
+            xs = [x[field] for x in runs[arm]]
+            ratios = [x / y[field] for x, y in zip(xs, runs[base_arm])]
+            lo, hi = interval(ratios)
+            spread = f" ({min(xs):.3f}-{max(xs):.3f})" if field == "seconds" else ""
+            cells += [f"{median(xs):.3f}{spread}", f"{median(ratios):.3f} ({lo:.3f}-{hi:.3f})"]
+        cells += [f"{median([x[k] for x in runs[arm]]) / MB:.0f}" for k in ("peak_anon", "maxrss")]
+        print("| " + " | ".join(cells) + " |")
+    print(f"model: {runs['ours'][0]['model_bytes'] / MB:.0f} MiB of parameters")
     print("modules: " + ", ".join(f"{arm}: {runs[arm][0]['module']}" for arm in arms))
 
 

@@ -265,9 +265,11 @@ def open_shards(path: Path) -> List[ShardReader]:
     the index lists is in the shard it names: nothing is read before everything is checked."""
     files, weight_map = shard_files(path)
     readers = [ShardReader(f) for f in files]
+    listed: Dict[str, List[str]] = {}
+    for key, name in weight_map.items():
+        listed.setdefault(name, []).append(key)
     for reader in readers:
-        expected = [k for k, v in weight_map.items() if v == reader.path.name]
-        missing = sorted(set(expected) - set(reader.tensors))
+        missing = sorted(k for k in listed.get(reader.path.name, ()) if k not in reader.tensors)
         if missing:
             raise CheckpointError(
                 f"{reader.path}: missing tensor(s) listed in the index: {', '.join(missing[:5])}"
