@@ -47,11 +47,10 @@ def _strict_json(raw, where):
     """JSON with no duplicate keys and no NaN/Infinity; errors name `where`."""
 
     def pairs(items):
-        out = {}
-        for k, v in items:
-            if k in out:
-                raise CheckpointError(f"{where}: duplicate key {k!r}")
-            out[k] = v
+        out = dict(items)
+        if len(out) != len(items):
+            dup = next(k for i, (k, _) in enumerate(items) if any(k == j for j, _ in items[:i]))
+            raise CheckpointError(f"{where}: duplicate key {dup!r}")
         return out
 
     def constant(name):
