@@ -197,6 +197,7 @@ ROPE_TYPES = {  # rope_scaling type -> numeric fields it needs (mlx-lm's initial
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor",),
 }
+ROPE_NUMBERS = ROPE_TYPES["llama3"] + ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 
@@ -206,7 +207,8 @@ def _int(v) -> bool:
 
 
 def _num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite JSON number that converts to a float (JSON integers can be arbitrarily large)."""
+    return (isinstance(v, float) and math.isfinite(v)) or (_int(v) and abs(v) <= 2**53)
 
 
 def _pos_int(limit=MAX_DIM):
@@ -301,11 +303,14 @@ def _check_rope_scaling(scaling, source: str) -> None:
     if not scaling:
         return
     kind = scaling.get("type") or scaling.get("rope_type", "default")
-    if kind not in ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise _bad(source, "rope_scaling.rope_type", kind, f"one of {', '.join(ROPE_TYPES)}")
     for key in ROPE_TYPES[kind]:
         if not POS_NUM[0](scaling.get(key)):
             raise _bad(source, f"rope_scaling.{key}", scaling.get(key), "a positive number")
+    for key in ROPE_NUMBERS:
+        if key in scaling and not _num(scaling[key]):
+            raise _bad(source, f"rope_scaling.{key}", scaling[key], "a number")
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise _bad(
             source, "rope_scaling.high_freq_factor", scaling["high_freq_factor"], "above low_freq_factor"
@@ -383,7 +388,7 @@ def load_config(path: Union[str, Path]) -> Dict[str, Any]:
             config = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (is this a model directory?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ConfigError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: is a JSON {type(config).__name__}, expected an object")

@@ -58,7 +58,9 @@ def _strict_json(raw, where):
 
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise CheckpointError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
 
 

@@ -445,3 +445,26 @@ def overlapping_offsets_in(p, name):
         return header
 
     _edit_header(p, name, edit)
+
+
+@pytest.mark.parametrize("target", ["config.json", SHARD1, "model.safetensors.index.json"])
+def test_json_integer_too_long_to_convert(tiny_ckpt, tmp_path, target):
+    """Python refuses to convert integers of more than 4300 digits: still one named error."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, path)
+    huge = "1" + "0" * 5000
+    if target == "config.json":
+        _edit_config(path, lambda c: c.update(hidden_size=0))
+        (path / target).write_text(
+            (path / target).read_text().replace('"hidden_size": 0', f'"hidden_size": {huge}')
+        )
+    elif target == SHARD1:
+        _edit_header(path, SHARD1, lambda h: h.setdefault("__metadata__", {}).update(x="HUGE"))
+        data = (path / SHARD1).read_bytes().replace(b'"HUGE"', huge.encode())
+        n = struct.unpack("<Q", data[:8])[0] + len(huge) - len('"HUGE"')
+        (path / SHARD1).write_bytes(struct.pack("<Q", n) + data[8:])
+    else:
+        index = (path / target).read_text()
+        (path / target).write_text(index.replace('"metadata": {', f'"metadata": {{"n": {huge}, ', 1))
+    with pytest.raises((CheckpointError, ConfigError), match=target):
+        load(path, quantize=False)
