@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from factory import make_checkpoint
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
@@ -170,7 +170,7 @@ def mutation(draw, folder: Path):
     return f"config: {field}"
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data(), which=st.sampled_from(["hf", "conv"]))
 def test_mutations_load_the_original_or_name_the_culprit(pristine, data, which):
     original, kwargs, weights = pristine[which]
@@ -183,13 +183,16 @@ def test_mutations_load_the_original_or_name_the_culprit(pristine, data, which):
                 warnings.simplefilter("ignore")
                 model, _ = load(folder, **kwargs)
         except CheckpointError as e:
+            event("CheckpointError")  # --hypothesis-show-statistics: how the mutations ended
             assert str(folder) in str(e), (what, str(e))  # names a file of the checkpoint
             return
         except ConfigError as e:
+            event("ConfigError")
             assert "config.json" in str(e), (what, str(e))
             fields = json.loads((original / "config.json").read_text())
             assert any(f in str(e) for f in fields), (what, str(e))  # and a field of it
             return
+        event("loaded")
         got = dict(tree_flatten(model.parameters()))
         assert got.keys() == weights.keys(), what
         for k, v in weights.items():
