@@ -119,7 +119,9 @@ def preflight(
 
 
 def _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
-    dt = parse_dtype(dtype) or DTYPES.get(config.get("torch_dtype"), mx.bfloat16)
+    torch_dtype = config.get("torch_dtype")
+    dt = parse_dtype(dtype) or (DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None)
+    dt = dt or mx.bfloat16
     draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
     needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
     device = device or Device.current()

@@ -194,36 +194,60 @@ def real_config():
     }
 
 
-def real_keys():
-    keys = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+def real_tensors():
+    """Every checkpoint key of the real model with its shape (facts sheet)."""
+    t = {"model.embed_tokens.weight": [V, H], "model.norm.weight": [H], "lm_head.weight": [V, H]}
     for i in range(N + NEXTN):
         p = f"model.layers.{i}."
-        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        keys += [p + f"self_attn.{x}_proj.weight" for x in "qkvog"]
-        keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        heads = 64 if i % 4 == 0 else 96
+        t[p + "input_layernorm.weight"] = t[p + "post_attention_layernorm.weight"] = [H]
+        t[p + "self_attn.q_proj.weight"] = [heads * HD, H]
+        t[p + "self_attn.k_proj.weight"] = t[p + "self_attn.v_proj.weight"] = [8 * HD, H]
+        t[p + "self_attn.o_proj.weight"] = [H, heads * HD]
+        t[p + "self_attn.g_proj.weight"] = [heads, H]
+        t[p + "self_attn.q_norm.weight"] = t[p + "self_attn.k_norm.weight"] = [HD]
         if 3 <= i < N:
-            keys += [p + "moe.gate.weight", p + "moe.router_bias"]
-            keys += [p + f"moe.{x}_proj.weight" for x in ("gate", "up", "down")]
-            keys += [p + f"share_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+            t[p + "moe.gate.weight"], t[p + "moe.router_bias"] = [288, H], [288]
+            t[p + "moe.gate_proj.weight"] = t[p + "moe.up_proj.weight"] = [288, 1280, H]
+            t[p + "moe.down_proj.weight"] = [288, H, 1280]
+            t[p + "share_expert.gate_proj.weight"] = t[p + "share_expert.up_proj.weight"] = [1280, H]
+            t[p + "share_expert.down_proj.weight"] = [H, 1280]
         else:
-            keys += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            t[p + "mlp.gate_proj.weight"] = t[p + "mlp.up_proj.weight"] = [11264, H]
+            t[p + "mlp.down_proj.weight"] = [H, 11264]
         if i >= N:
-            keys += [p + x for x in ("enorm.weight", "hnorm.weight", "eh_proj.weight")]
-            keys += [p + "transformer.shared_head.norm.weight", p + "transformer.shared_head.output.weight"]
-    return keys
+            t[p + "enorm.weight"] = t[p + "hnorm.weight"] = [H]
+            t[p + "eh_proj.weight"] = [H, 2 * H]
+            t[p + "transformer.shared_head.norm.weight"] = [H]
+            t[p + "transformer.shared_head.output.weight"] = [V, H]
+    return t
 
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory):
-    """The real checkpoint's config and index; the shards are empty placeholders (never read)."""
+    """The real checkpoint's config, index and shard headers; the shards' data are holes
+    (sparse files of the right size: nothing is written or read)."""
     path = tmp_path_factory.mktemp("real")
     (path / "config.json").write_text(json.dumps(real_config()))
-    keys = real_keys()
-    shards = [f"model-{i:05d}-of-00044.safetensors" for i in range(1, 45)]
-    weight_map = {k: shards[j * len(shards) // len(keys)] for j, k in enumerate(keys)}
+    tensors = real_tensors()
+    weight_map = {}
+    for j, layer in enumerate([None, *range(N + NEXTN)]):  # one shard per layer, the rest first
+        prefix = "model.layers." if layer is None else f"model.layers.{layer}."
+        keys = [k for k in tensors if k.startswith(prefix) == (layer is not None)]
+        name = f"model-{j + 1:05d}-of-{N + NEXTN + 1:05d}.safetensors"
+        header, offset = {}, 0
+        for k in keys:
+            size = math.prod(tensors[k]) * (4 if k.endswith("router_bias") else 2)
+            dtype = "F32" if k.endswith("router_bias") else "BF16"
+            header[k] = {"dtype": dtype, "shape": tensors[k], "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[k] = name
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(path / name, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for s in shards:
-        (path / s).touch()
     return path
 
 
