@@ -1,0 +1,132 @@
+"""POST /v1/chat/completions: Step-3.5's chat template in, reasoning / content / tool-call
+deltas out (parsing lives in `mlx_step35.chat_format`)."""
+
+import json
+from typing import List, Optional
+
+from jinja2 import TemplateError
+
+from .. import chat_format as cf
+from .engine import Failed, Finished, Piece
+from .responses import Envelope, chat_logprobs, error_body, finish_reason, timings, usage
+from .schemas import ChatRequest, RequestError, refuse_unsupported
+
+
+def check_tools(tools: Optional[list], choice) -> Optional[list]:
+    """The request's tools, after checking their shape and that tool_choice names one."""
+    names = []
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", f"tools[{i}]")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}]")
+        names.append(fn["name"])
+    if choice is None or choice in ("auto", "none"):
+        return tools or None
+    if choice == "required":
+        if not names:
+            raise RequestError("tool_choice 'required' needs tools", "tool_choice")
+        return tools
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in names:
+            raise RequestError(f"tool_choice names no tool of this request: {name!r}", "tool_choice")
+        return tools
+    raise RequestError("tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
+
+
+def tool_call_json(tc: "cf.ToolCall") -> dict:
+    return {"index": tc.index, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+
+
+def delta_json(d: "cf.Delta") -> dict:
+    if d.tool_call is not None:
+        return {"tool_calls": [tool_call_json(d.tool_call)]}
+    if d.reasoning:
+        return {"reasoning_content": d.reasoning}
+    return {"content": d.content}
+
+
+def render(tokenizer, req: ChatRequest, tools):
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    try:
+        ids = cf.render_prompt(
+            tokenizer, req.messages, tools=tools, tool_choice=req.tool_choice, chat_template_kwargs=kwargs
+        )
+    except ValueError as e:
+        raise RequestError(str(e), "messages") from None
+    except TemplateError as e:
+        raise RequestError(f"the chat template failed on these messages: {e}", "messages") from None
+    return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids))
+
+
+async def serve_chat(ctx, req: ChatRequest, request):
+    from .app import failed_response, run_job
+
+    ctx.check_model(req.model)
+    refuse_unsupported(req)
+    tools = check_tools(req.tools, req.tool_choice)
+    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req, tools)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    job = ctx.submit(gen)
+    env = Envelope("chat", ctx.settings.model_id)
+    parser = cf.ReplyParser(tools=tools, in_reasoning=in_reasoning)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream(events):
+        yield env.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        lps: List = []
+        called = False
+        async for ev in events:
+            if isinstance(ev, Failed):
+                yield "data: " + json.dumps(error_body(ev.message, "server_error")) + "\n\n"
+                return
+            if isinstance(ev, Finished) and ev.finish_reason == "cancelled":
+                return
+            lps += ev.logprobs if isinstance(ev, Piece) else []
+            deltas = parser.feed(ev.text) if isinstance(ev, Piece) else parser.finish()
+            for d in deltas:
+                called |= d.tool_call is not None
+                choice = {"index": 0, "delta": delta_json(d), "finish_reason": None}
+                if gen.top_logprobs is not None and lps:
+                    choice["logprobs"], lps = chat_logprobs(lps), []
+                yield env.sse([choice])
+            if isinstance(ev, Finished):
+                choice = {"index": 0, "delta": {}, "finish_reason": finish_reason(ev, called)}
+                if gen.top_logprobs is not None and lps:
+                    choice["logprobs"] = chat_logprobs(lps)
+                yield env.sse([choice], timings=timings(ev))
+                if include_usage:
+                    yield env.sse([], usage=usage(ev))
+
+    async def collect(events):
+        lps, text, tokens = [], "", []
+        async for ev in events:
+            if isinstance(ev, Piece):
+                text += ev.text
+                tokens += ev.tokens
+                lps += ev.logprobs
+            elif isinstance(ev, Failed):
+                return failed_response(ev)
+            else:
+                reply = cf.parse_reply(text, tools=tools, in_reasoning=in_reasoning)
+                message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+                if reply.reasoning:
+                    message["reasoning_content"] = reply.reasoning
+                if reply.tool_calls:
+                    message["tool_calls"] = [tool_call_json(tc) for tc in reply.tool_calls]
+                choice = {"index": 0, "message": message, "logprobs": None}
+                choice["finish_reason"] = finish_reason(ev, bool(reply.tool_calls))
+                if gen.top_logprobs is not None:
+                    choice["logprobs"] = chat_logprobs(lps)
+                out = env.wrap([choice], False, usage=usage(ev), timings=timings(ev))
+                if req.return_token_ids:
+                    out["prompt_token_ids"] = ids
+                    choice["token_ids"] = tokens
+                return out
+
+    return await run_job(ctx, job, request, stream if req.stream else None, collect)
