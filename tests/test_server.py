@@ -167,11 +167,17 @@ def test_chat_bad_input(url):
     for body, words in [
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
-         "response_format"),
-        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function",
-                                                                             "function": {"name": "f"}}},
-         "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+            "response_format",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+            },
+            "tool_choice",
+        ),
     ]:
         r = post(url, "/v1/chat/completions", body)
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
@@ -239,9 +245,19 @@ def test_disconnects_mid_stream_cancel_generation(url):
 
 def test_metrics_exposition(url):
     text = httpx.get(url + "/metrics").text
-    for name in ("requests_total", "time_to_first_token_seconds_count", "mtp_drafted_total",
-                 "mtp_accepted_total", "queue_depth", "decode_tokens_per_second"):
+    for name in (
+        "requests_total",
+        "time_to_first_token_seconds_count",
+        "mtp_drafted_total",
+        "mtp_accepted_total",
+        "queue_depth",
+        "decode_tokens_per_second",
+    ):
         assert f"mlx_step35_{name}" in text
-    drafted = [float(v) for v in re.findall(r'^mlx_step35_mtp_drafted_total\{depth="\d"\} (\S+)$', text, re.M)]
-    accepted = [float(v) for v in re.findall(r'^mlx_step35_mtp_accepted_total\{depth="\d"\} (\S+)$', text, re.M)]
+    drafted = [
+        float(v) for v in re.findall(r'^mlx_step35_mtp_drafted_total\{depth="\d"\} (\S+)$', text, re.M)
+    ]
+    accepted = [
+        float(v) for v in re.findall(r'^mlx_step35_mtp_accepted_total\{depth="\d"\} (\S+)$', text, re.M)
+    ]
     assert len(drafted) == 2 and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0

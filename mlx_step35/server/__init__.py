@@ -25,7 +25,9 @@ def parser() -> ArgumentParser:
     )
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s)")
     p.add_argument(
         "--draft-mtp",
@@ -45,24 +47,26 @@ def parser() -> ArgumentParser:
     p.add_argument("--min-p", type=float, default=s.min_p, help="default min-p (0 = off)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="default max tokens per reply")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--allowed-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)")
     p.add_argument(
-        "--allowed-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)"
+        "--max-queue", type=int, default=64, help="queued requests before 503 (default %(default)s)"
     )
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before 503 (default %(default)s)")
     p.add_argument(
         "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit, 413 above it"
     )
-    p.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    for flag, value, low in (("--max-tokens", a.max_tokens, 1), ("--max-queue", a.max_queue, 1),
-                             ("--max-body-bytes", a.max_body_bytes, 1), ("--port", a.port, 0)):
+    for flag, value, low in (
+        ("--max-tokens", a.max_tokens, 1),
+        ("--max-queue", a.max_queue, 1),
+        ("--max-body-bytes", a.max_body_bytes, 1),
+        ("--port", a.port, 0),
+    ):
         if value < low:
             p.error(f"{flag} must be at least {low}")
     if a.top_k < 0 or a.temp < 0 or not 0 <= a.top_p <= 1 or not 0 <= a.min_p <= 1:
@@ -90,14 +94,17 @@ def main(argv=None):
     serve(model, tokenizer, settings, host=a.host, port=a.port, max_queue=a.max_queue, log_level=a.log_level)
 
 
-def serve(model, tokenizer, settings: Settings, *, host="127.0.0.1", port=8080, max_queue=64,
-          log_level="INFO"):
+def serve(
+    model, tokenizer, settings: Settings, *, host="127.0.0.1", port=8080, max_queue=64, log_level="INFO"
+):
     """Run the server until Ctrl-C / SIGTERM (blocking)."""
     import uvicorn
 
     engine = Engine(model, tokenizer, max_queue=max_queue)
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5
+    )
     try:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown

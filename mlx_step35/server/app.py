@@ -80,8 +80,13 @@ class Guard:
         if key and scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS:
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return await _reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                    "authentication_error", {"www-authenticate": "Bearer"})
+                return await _reply(
+                    send,
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "authentication_error",
+                    {"www-authenticate": "Bearer"},
+                )
         limit = self.settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -163,8 +168,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
-        return error(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404 else
-                     "invalid_request_error")
+        return error(
+            exc.status_code,
+            str(exc.detail),
+            kind="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+        )
 
     @app.exception_handler(Exception)
     async def on_crash(request, exc):
@@ -177,8 +185,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
-                                           "owned_by": "mlx-step35"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}],
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -226,7 +236,9 @@ class Context:
                 404,
             )
 
-    def gen_request(self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs) -> GenRequest:
+    def gen_request(
+        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs
+    ) -> GenRequest:
         s = self.settings
         vocab = self.engine.model.args.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
@@ -259,7 +271,9 @@ class Context:
             prompt=prompt,
             max_tokens=min(room, max_tokens or s.max_tokens),
             sampler=make_sampler(
-                pick(req.temperature, s.temp), pick(req.top_p, s.top_p), pick(req.min_p, s.min_p),
+                pick(req.temperature, s.temp),
+                pick(req.top_p, s.top_p),
+                pick(req.min_p, s.min_p),
                 max(top_k, 0),
             ),
             processors=procs or None,
@@ -274,7 +288,9 @@ class Context:
         try:
             return self.engine.submit(gen, asyncio.get_running_loop())
         except QueueFull:
-            raise RequestError("the server is busy: the request queue is full, retry later", None, 503) from None
+            raise RequestError(
+                "the server is busy: the request queue is full, retry later", None, 503
+            ) from None
 
 
 async def watch_disconnect(request: Request, job):

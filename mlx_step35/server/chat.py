@@ -12,32 +12,26 @@ from .responses import Envelope, chat_logprobs, error_body, finish_reason, timin
 from .schemas import ChatRequest, RequestError, refuse_unsupported
 
 
-def check_tools(tools: Optional[list], choice) -> Optional[list]:
-    """The request's tools, after checking their shape and that tool_choice names one."""
-    names = []
-    for i, t in enumerate(tools or []):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", f"tools[{i}]")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}]")
-        names.append(fn["name"])
-    if choice is None or choice in ("auto", "none"):
-        return tools or None
-    if choice == "required":
-        if not names:
-            raise RequestError("tool_choice 'required' needs tools", "tool_choice")
-        return tools
+def parser_tools(tools: Optional[list], choice) -> list:
+    """The tools whose calls the reply parser turns into tool_calls: those the prompt offered
+    (none for tool_choice "none" or no tools: then any tool-call text stays content)."""
+    if choice == "required" and not tools:
+        raise RequestError("tool_choice 'required' needs tools", "tool_choice")
+    if not tools or choice == "none":
+        return []
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
-        if choice.get("type") != "function" or name not in names:
-            raise RequestError(f"tool_choice names no tool of this request: {name!r}", "tool_choice")
-        return tools
-    raise RequestError("tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
+        return [t for t in tools if isinstance(t, dict) and t.get("function", t).get("name") == name]
+    return tools
 
 
 def tool_call_json(tc: "cf.ToolCall") -> dict:
-    return {"index": tc.index, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+    return {
+        "index": tc.index,
+        "id": tc.id,
+        "type": "function",
+        "function": {"name": tc.name, "arguments": tc.arguments},
+    }
 
 
 def delta_json(d: "cf.Delta") -> dict:
@@ -48,13 +42,13 @@ def delta_json(d: "cf.Delta") -> dict:
     return {"content": d.content}
 
 
-def render(tokenizer, req: ChatRequest, tools):
+def render(tokenizer, req: ChatRequest):
     kwargs = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort is not None:
         kwargs.setdefault("reasoning_effort", req.reasoning_effort)
     try:
         ids = cf.render_prompt(
-            tokenizer, req.messages, tools=tools, tool_choice=req.tool_choice, chat_template_kwargs=kwargs
+            tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice, chat_template_kwargs=kwargs
         )
     except ValueError as e:
         raise RequestError(str(e), "messages") from None
@@ -68,8 +62,8 @@ async def serve_chat(ctx, req: ChatRequest, request):
 
     ctx.check_model(req.model)
     refuse_unsupported(req)
-    tools = check_tools(req.tools, req.tool_choice)
-    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req, tools)
+    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req)
+    tools = parser_tools(req.tools, req.tool_choice)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     job = ctx.submit(gen)
@@ -114,7 +108,10 @@ async def serve_chat(ctx, req: ChatRequest, request):
                 return failed_response(ev)
             else:
                 reply = cf.parse_reply(text, tools=tools, in_reasoning=in_reasoning)
-                message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+                message = {
+                    "role": "assistant",
+                    "content": reply.content or (None if reply.tool_calls else ""),
+                }
                 if reply.reasoning:
                     message["reasoning_content"] = reply.reasoning
                 if reply.tool_calls:

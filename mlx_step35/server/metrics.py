@@ -75,8 +75,15 @@ class Metrics:
             )
             metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [((), self.prompt_tokens)])
             metric("generation_tokens_total", "counter", "Tokens generated.", [((), self.generation_tokens)])
-            metric("trunk_passes_total", "counter", "Trunk forward passes while decoding.", [((), self.trunk_passes)])
-            metric("cancelled_total", "counter", "Generations cancelled by a disconnect.", [((), self.cancelled)])
+            metric(
+                "trunk_passes_total",
+                "counter",
+                "Trunk forward passes while decoding.",
+                [((), self.trunk_passes)],
+            )
+            metric(
+                "cancelled_total", "counter", "Generations cancelled by a disconnect.", [((), self.cancelled)]
+            )
             cum = [((("le", str(b)),), c) for b, c in zip(TTFT_BUCKETS, self.ttft_buckets)]
             metric(
                 "time_to_first_token_seconds",
@@ -86,8 +93,15 @@ class Metrics:
             )
             out.append(f"{PREFIX}_time_to_first_token_seconds_sum {self.ttft_sum}")
             out.append(f"{PREFIX}_time_to_first_token_seconds_count {self.ttft_count}")
-            metric("decode_tokens_total", "counter", "Tokens after each request's first.", [((), self.decode_tokens)])
-            metric("decode_seconds_total", "counter", "Time spent producing them.", [((), self.decode_seconds)])
+            metric(
+                "decode_tokens_total",
+                "counter",
+                "Tokens after each request's first.",
+                [((), self.decode_tokens)],
+            )
+            metric(
+                "decode_seconds_total", "counter", "Time spent producing them.", [((), self.decode_seconds)]
+            )
             metric(
                 "decode_tokens_per_second",
                 "gauge",

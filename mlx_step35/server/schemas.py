@@ -117,4 +117,6 @@ def num_draft_of(value, default):
         return True, value
     if value == 0:
         return False, default[1]
-    raise RequestError(f"num_draft must be 0 (no drafting), 1-{MAX_DRAFT} or 'auto', got {value!r}", "num_draft")
+    raise RequestError(
+        f"num_draft must be 0 (no drafting), 1-{MAX_DRAFT} or 'auto', got {value!r}", "num_draft"
+    )
