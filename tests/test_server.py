@@ -4,6 +4,7 @@ to plain in-process decoding, streaming, usage, logprobs, stops, bad input, load
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -99,6 +100,26 @@ def test_openai_client_completions_and_stream(url, reference):
     assert out.usage.completion_tokens == GEN
     parts = client.completions.create(model="mlx-step35-demo", prompt=prompt, max_tokens=GEN, stream=True)
     assert "".join(p.choices[0].text for p in parts if p.choices) == reference[prompt]["text"]
+
+
+def test_chat_streamed_equals_non_streamed(url, demo):
+    from mlx_step35.chat_format import render_prompt
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list"}]
+    full = client.chat.completions.create(model="mlx-step35-demo", messages=messages, max_tokens=GEN)
+    msg = full.choices[0].message
+    assert full.usage.prompt_tokens == len(render_prompt(demo[1], messages))
+    assert full.usage.completion_tokens == GEN and full.choices[0].finish_reason == "length"
+    reasoning = content = ""
+    for chunk in client.chat.completions.create(
+        model="mlx-step35-demo", messages=messages, max_tokens=GEN, stream=True
+    ):
+        if chunk.choices:
+            reasoning += getattr(chunk.choices[0].delta, "reasoning_content", None) or ""
+            content += chunk.choices[0].delta.content or ""
+    assert reasoning == (getattr(msg, "reasoning_content", None) or "") and content == (msg.content or "")
+    assert reasoning or content
 
 
 def test_logprobs_are_the_models(url, reference):
@@ -261,3 +282,35 @@ def test_metrics_exposition(url):
         float(v) for v in re.findall(r'^mlx_step35_mtp_accepted_total\{depth="\d"\} (\S+)$', text, re.M)
     ]
     assert len(drafted) == 2 and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium at /usr/bin/chromium (apt-get install chromium)")
+def test_chat_page_in_headless_chromium(url):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    messages = [{"role": "user", "content": "Write a function"}]
+    ref = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12}).json()
+    reasoning = ref["choices"][0]["message"].get("reasoning_content", "")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url + "/")
+            page.fill("#max-tokens", "12")
+            page.fill("#prompt", "Write a function")
+            page.press("#prompt", "Enter")
+            stats = page.locator(".assistant .stats")
+            sync_api.expect(stats).to_contain_text("tokens/s", timeout=60_000)
+            text = stats.inner_text()
+            assert "tokens per trunk pass" in text and "MTP acceptance depth 1" in text
+            assert page.locator(".user").inner_text() == "Write a function"
+            # the streamed reasoning, in the collapsed block, equals the non-streamed reply's
+            assert page.locator(".assistant details.reasoning div").text_content() == reasoning
+            assert reasoning
+        finally:
+            browser.close()
+    assert requests and all(r.startswith(url) for r in requests)  # nothing fetched from outside

@@ -164,7 +164,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def on_request_error(request, exc: RequestError):
-        return error(exc.status, str(exc), exc.param, code="model_not_found" if exc.status == 404 else None)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        kind = "server_busy" if exc.status == 503 else "invalid_request_error"
+        code = "model_not_found" if exc.status == 404 else None
+        return error(exc.status, str(exc), exc.param, kind=kind, code=code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
