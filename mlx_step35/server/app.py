@@ -4,6 +4,7 @@ import asyncio
 import hmac
 import json
 import logging
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -150,7 +151,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     metrics = engine.metrics or Metrics()
     engine.metrics = metrics
     pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # tokenizers are not re-entrant
-    app = FastAPI(title="mlx-step35", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.shutdown()
+        pool.shutdown(wait=False)
+
+    app = FastAPI(title="mlx-step35", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(Guard, settings=settings, metrics=metrics)
     if settings.allowed_origins:
         app.add_middleware(
@@ -213,11 +221,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         from .chat import serve_chat
 
         return await serve_chat(ctx, req, request)
-
-    @app.on_event("shutdown")
-    async def stop():
-        engine.shutdown()
-        pool.shutdown(wait=False)
 
     return app
 

@@ -54,7 +54,7 @@ def render(tokenizer, req: ChatRequest):
         raise RequestError(str(e), "messages") from None
     except TemplateError as e:
         raise RequestError(f"the chat template failed on these messages: {e}", "messages") from None
-    return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids))
+    return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids[-64:]))  # the generation prompt's end
 
 
 async def serve_chat(ctx, req: ChatRequest, request):

@@ -120,9 +120,16 @@ class StopStrings:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        cut = max(0, len(self.pending) - self.hold)
+        cut = len(self.pending) - self._held()
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
+
+    def _held(self) -> int:
+        """Length of the longest end of the pending text that begins some stop string."""
+        for k in range(min(self.hold, len(self.pending)), 0, -1):
+            if any(s.startswith(self.pending[-k:]) for s in self.stops):
+                return k
+        return 0
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
@@ -139,6 +146,7 @@ class Engine:
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self.busy = False
+        self._current: Optional[Job] = None
         self.thread.start()
 
     @property
@@ -158,6 +166,8 @@ class Engine:
 
     def shutdown(self, timeout: float = 30.0):
         """Cancel what is queued, let the running job stop at its next token, join the thread."""
+        if not self.thread.is_alive():
+            return
         while True:
             try:
                 job = self.queue.get_nowait()
@@ -167,11 +177,11 @@ class Engine:
                 job.cancel()
                 job.emit(Failed("the server is shutting down"))
         self.current_cancel()
-        self.queue.put(None)
+        self.queue.put(None, timeout=timeout)
         self.thread.join(timeout)
 
     def current_cancel(self):
-        job = getattr(self, "_current", None)
+        job = self._current
         if job is not None:
             job.cancel()
 
