@@ -98,16 +98,21 @@ def _schema_types(schema) -> List[str]:
     return types or (["object"] if "properties" in schema else [])
 
 
+_PARSE_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, OverflowError)
+
+
 def _as_json(value: str, kind: type):
-    try:
-        out = json.loads(value)
-    except ValueError:
-        try:  # Python literals (single quotes, True/False) as vLLM also accepts them
-            out = ast.literal_eval(value)
-            json.dumps(out)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            return None
-    return out if isinstance(out, kind) else None
+    """`value` parsed as JSON (or a Python literal, as vLLM also accepts) if it gives a `kind`
+    that serializes as strict JSON (no NaN / Infinity); None otherwise."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            out = parse(value)
+            if isinstance(out, kind) and not isinstance(out, bool):
+                json.dumps(out, allow_nan=False)
+                return out
+        except _PARSE_ERRORS:
+            pass
+    return None
 
 
 def convert_value(value: str, schema) -> object:
@@ -116,18 +121,14 @@ def convert_value(value: str, schema) -> object:
     any of the schema's types stays the string."""
     v = value.strip()
     for t in _schema_types(schema):
-        if t == "integer" and _INTEGER.fullmatch(v):
+        if t == "integer" and _INTEGER.fullmatch(v) and len(v) < 4000:  # int() refuses longer
             return int(v)
-        if t == "number":
-            out = _as_json(v, (int, float))
-            if out is not None and not isinstance(out, bool):
-                return out
+        if t == "number" and (out := _as_json(v, (int, float))) is not None:
+            return out
         if t == "boolean" and v.lower() in ("true", "false"):
             return v.lower() == "true"
-        if t in ("object", "array"):
-            out = _as_json(v, dict if t == "object" else list)
-            if out is not None:
-                return out
+        if t in ("object", "array") and (out := _as_json(v, dict if t == "object" else list)) is not None:
+            return out
         if t == "null" and v == "null":
             return None
     return value

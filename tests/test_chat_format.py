@@ -174,6 +174,15 @@ def test_values_that_do_not_parse_stay_strings():
     assert convert_value("7", {"anyOf": [{"type": "integer"}, {"type": "string"}]}) == 7
     assert convert_value("  keep  spaces ", {"type": "string"}) == "  keep  spaces "
     assert convert_value("true", {"type": "number"}) == "true"
+    for text, kind in [
+        ("NaN", "number"),
+        ("Infinity", "number"),
+        ('{"a": NaN}', "object"),
+        ("9" * 5000, "integer"),
+        ("[" * 100000, "array"),
+        ("1" * 5000, "number"),
+    ]:
+        assert convert_value(text, {"type": kind}) == text, text[:10]
 
 
 def test_without_tools_any_function_parses_with_string_values():
@@ -530,9 +539,13 @@ def test_render_prompt_needs_a_chat_template(tmp_path):
 
 def test_demo_model_has_the_template():
     from mlx_step35 import load
+    from mlx_step35.generation import build_prompt
 
     model, tokenizer = load()
     assert tokenizer.chat_template == STEP35_CHAT_TEMPLATE
     assert tokenizer.eos_token_ids == {1, 2, 4}
     ids = render_prompt(tokenizer, [{"role": "user", "content": "hi"}])
     assert tokenizer.decode(ids) == "<s><|im_start|>user\nhi<|im_end|>\n" + GEN and ids.count(0) == 1
+    assert build_prompt(tokenizer, "hi") == ids  # generate.py --prompt hi goes through it
+    raw = build_prompt(tokenizer, "def f():", chat_template=False)  # --ignore-chat-template: BOS + text
+    assert raw[0] == 0 and raw.count(0) == 1 and 3 not in raw and tokenizer.decode(raw) == "<s>def f():"
