@@ -37,8 +37,14 @@ def start(cmd, port):
 
 async def one(client, url, prompt, n_gen, extra):
     """(time to first token, decode tokens/s after it, completion tokens) of one streamed request."""
-    body = dict(prompt=prompt, max_tokens=n_gen, temperature=0.0, stream=True,
-                stream_options={"include_usage": True}, **extra)
+    body = dict(
+        prompt=prompt,
+        max_tokens=n_gen,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        **extra,
+    )
     tic = time.perf_counter()
     first = last = None
     tokens = 0
@@ -72,8 +78,12 @@ def main():
     a = p.parse_args()
     model = str(demo_model())
     py = [sys.executable]
-    ours, ours_url = start(py + ["-m", "mlx_step35.server", "--model", model, "--log-level", "WARNING"], free_port())
-    theirs, theirs_url = start(py + ["-m", "mlx_lm.server", "--model", model, "--log-level", "WARNING"], free_port())
+    ours, ours_url = start(
+        py + ["-m", "mlx_step35.server", "--model", model, "--log-level", "WARNING"], free_port()
+    )
+    theirs, theirs_url = start(
+        py + ["-m", "mlx_lm.server", "--model", model, "--log-level", "WARNING"], free_port()
+    )
     arms = {
         "mlx_lm.server": (theirs_url, {}),
         "ours, auto": (ours_url, {}),

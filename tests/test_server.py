@@ -264,6 +264,18 @@ def test_disconnects_mid_stream_cancel_generation(url):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
+def test_non_streamed_client_timeout_cancels_generation(url):
+    cancelled = metric(url, "cancelled_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3000}, timeout=1.0)
+    for _ in range(300):
+        if metric(url, "cancelled_total") > cancelled and metric(url, "requests_running") == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert metric(url, "cancelled_total") == cancelled + 1
+    assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 def test_metrics_exposition(url):
     text = httpx.get(url + "/metrics").text
     for name in (

@@ -171,3 +171,11 @@ def test_tool_result_goes_back_into_the_prompt(url, ckpt):
     assert re.search(r"\s*".join(map(re.escape, tail)) + r"\Z", prompt), prompt[-600:]
     assert "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n" in prompt
     assert '"name": "get_weather"' in prompt  # tools declared in the system turn
+
+
+def test_tool_choice_none_offers_no_tools_and_parses_none(url, ckpt):
+    body = {"messages": USER, "tools": TOOLS, "tool_choice": "none", "return_token_ids": True}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    msg = r["choices"][0]["message"]
+    assert "tool_calls" not in msg and msg["content"] == "I will call a tool.\n" + CALL
+    assert "<tools>" not in load_tokenizer(ckpt).decode(r["prompt_token_ids"])
