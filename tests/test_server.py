@@ -11,7 +11,7 @@ import openai
 import pytest
 from server_util import running_server
 
-from mlx_step35 import load, stream_generate
+from mlx_step35 import load, make_logits_processors, stream_generate
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "# sort a list\n"]
 GEN = 24
@@ -132,6 +132,27 @@ def test_logprobs_are_the_models(url, reference):
         assert len(top) == 3 and values == sorted(values, reverse=True)
         assert max(top, key=top.get) == chosen  # greedy: the chosen token is the most likely
     assert "".join(lp["tokens"]) == r["choices"][0]["text"]
+
+
+def test_penalties_are_mlx_lms_processors(url, demo):
+    model, tok = demo
+    prompt = PROMPTS[1]
+    procs = make_logits_processors(repetition_penalty=1.3, presence_penalty=1.5, frequency_penalty=0.5)
+    ref = [r.token for r in stream_generate(model, tok, prompt, GEN, logits_processors=procs)]
+    body = {
+        "prompt": prompt,
+        "max_tokens": GEN,
+        "return_token_ids": True,
+        "repetition_penalty": 1.3,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.5,
+    }
+    r = post(url, "/v1/completions", body).json()
+    assert r["choices"][0]["token_ids"] == ref
+    plain = post(
+        url, "/v1/completions", {"prompt": prompt, "max_tokens": GEN, "return_token_ids": True}
+    ).json()
+    assert plain["choices"][0]["token_ids"] != ref  # the penalties changed the output
 
 
 def test_stop_string_cuts_before_it(url, reference):

@@ -4,8 +4,8 @@ import asyncio
 import hmac
 import json
 import logging
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import List, Optional, Tuple, Union
