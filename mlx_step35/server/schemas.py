@@ -23,7 +23,6 @@ class RequestError(ValueError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _Common(BaseModel):
@@ -51,6 +50,8 @@ class _Common(BaseModel):
     store: Optional[bool] = None
     metadata: Optional[Dict[str, Any]] = None
     service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
 
 
 class ChatRequest(_Common):
@@ -64,6 +65,7 @@ class ChatRequest(_Common):
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     reasoning_effort: Optional[str] = None  # Step-3.7's template variable
     response_format: Optional[Dict[str, Any]] = None
+    modalities: Optional[List[str]] = None
 
 
 class CompletionRequest(_Common):
@@ -87,6 +89,8 @@ def refuse_unsupported(req: _Common):
                 f"response_format {fmt!r} is not supported (no constrained decoding): only 'text'",
                 "response_format",
             )
+        if req.modalities not in (None, ["text"]):
+            raise RequestError("only text output is supported", "modalities")
         if req.parallel_tool_calls is False:
             raise RequestError("parallel_tool_calls=false cannot be enforced", "parallel_tool_calls")
         if req.top_logprobs and not req.logprobs:
