@@ -122,6 +122,23 @@ def test_chat_streamed_equals_non_streamed(url, demo):
     assert reasoning or content
 
 
+def test_chat_logprobs(url):
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    r = post(url, "/v1/chat/completions", body).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] == 6
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"]
+        assert top[0]["token"] == entry["token"] and top[0]["logprob"] == entry["logprob"]  # greedy
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+
+
 def test_logprobs_are_the_models(url, reference):
     prompt = PROMPTS[0]
     r = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "logprobs": 3}).json()

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import make_logits_processors, make_sampler
+from .chat import serve_chat
 from .engine import Engine, Failed, Finished, GenRequest, Piece, QueueFull
 from .metrics import Metrics
 from .responses import Envelope, completion_logprobs, error_body, timings, usage
@@ -147,23 +148,8 @@ def _validation_message(exc: RequestValidationError) -> Tuple[str, Optional[str]
     return "; ".join(parts) or "invalid request", param
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    metrics = engine.metrics or Metrics()
-    engine.metrics = metrics
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # tokenizers are not re-entrant
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        engine.shutdown()
-        pool.shutdown(wait=False)
-
-    app = FastAPI(title="mlx-step35", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(Guard, settings=settings, metrics=metrics)
-    if settings.allowed_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"], allow_headers=["*"]
-        )
+def add_error_handlers(app: FastAPI):
+    """Every error as an OpenAI error object; validation errors are 400s naming the field."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, exc):
@@ -189,6 +175,27 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def on_crash(request, exc):
         log.exception("unexpected error")
         return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    metrics = engine.metrics or Metrics()
+    engine.metrics = metrics
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # tokenizers are not re-entrant
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.shutdown()
+        pool.shutdown(wait=False)
+
+    app = FastAPI(title="mlx-step35", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -218,8 +225,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        from .chat import serve_chat
-
         return await serve_chat(ctx, req, request)
 
     return app

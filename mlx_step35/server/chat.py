@@ -57,22 +57,21 @@ def render(tokenizer, req: ChatRequest):
     return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids[-64:]))  # the generation prompt's end
 
 
-async def serve_chat(ctx, req: ChatRequest, request):
-    from .app import failed_response, run_job
+class Turn:
+    """One chat request on its way out: its prompt, generation settings and reply parser."""
 
-    ctx.check_model(req.model)
-    refuse_unsupported(req)
-    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req)
-    tools = parser_tools(req.tools, req.tool_choice)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    job = ctx.submit(gen)
-    env = Envelope("chat", ctx.settings.model_id)
-    parser = cf.ReplyParser(tools=tools, in_reasoning=in_reasoning)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    def __init__(self, req: ChatRequest, ids, in_reasoning: bool, gen, model_id: str):
+        self.req, self.ids, self.gen = req, ids, gen
+        self.tools = parser_tools(req.tools, req.tool_choice)
+        self.in_reasoning = in_reasoning
+        self.env = Envelope("chat", model_id)
+        self.logprobs = gen.top_logprobs is not None
 
-    async def stream(events):
-        yield env.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    async def stream(self, events):
+        parser = cf.ReplyParser(tools=self.tools, in_reasoning=self.in_reasoning)
+        yield self.env.sse(
+            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
         lps: List = []
         called = False
         async for ev in events:
@@ -82,48 +81,56 @@ async def serve_chat(ctx, req: ChatRequest, request):
             if isinstance(ev, Finished) and ev.finish_reason == "cancelled":
                 return
             lps += ev.logprobs if isinstance(ev, Piece) else []
-            deltas = parser.feed(ev.text) if isinstance(ev, Piece) else parser.finish()
-            for d in deltas:
+            for d in parser.feed(ev.text) if isinstance(ev, Piece) else parser.finish():
                 called |= d.tool_call is not None
                 choice = {"index": 0, "delta": delta_json(d), "finish_reason": None}
-                if gen.top_logprobs is not None and lps:
+                if self.logprobs and lps:
                     choice["logprobs"], lps = chat_logprobs(lps), []
-                yield env.sse([choice])
+                yield self.env.sse([choice])
             if isinstance(ev, Finished):
                 choice = {"index": 0, "delta": {}, "finish_reason": finish_reason(ev, called)}
-                if gen.top_logprobs is not None and lps:
+                if self.logprobs and lps:
                     choice["logprobs"] = chat_logprobs(lps)
-                yield env.sse([choice], timings=timings(ev))
-                if include_usage:
-                    yield env.sse([], usage=usage(ev))
+                yield self.env.sse([choice], timings=timings(ev))
+                if self.req.stream_options and self.req.stream_options.include_usage:
+                    yield self.env.sse([], usage=usage(ev))
 
-    async def collect(events):
+    async def collect(self, events):
+        from .app import failed_response
+
         lps, text, tokens = [], "", []
         async for ev in events:
-            if isinstance(ev, Piece):
-                text += ev.text
-                tokens += ev.tokens
-                lps += ev.logprobs
-            elif isinstance(ev, Failed):
+            if isinstance(ev, Failed):
                 return failed_response(ev)
-            else:
-                reply = cf.parse_reply(text, tools=tools, in_reasoning=in_reasoning)
-                message = {
-                    "role": "assistant",
-                    "content": reply.content or (None if reply.tool_calls else ""),
-                }
-                if reply.reasoning:
-                    message["reasoning_content"] = reply.reasoning
-                if reply.tool_calls:
-                    message["tool_calls"] = [tool_call_json(tc) for tc in reply.tool_calls]
-                choice = {"index": 0, "message": message, "logprobs": None}
-                choice["finish_reason"] = finish_reason(ev, bool(reply.tool_calls))
-                if gen.top_logprobs is not None:
-                    choice["logprobs"] = chat_logprobs(lps)
-                out = env.wrap([choice], False, usage=usage(ev), timings=timings(ev))
-                if req.return_token_ids:
-                    out["prompt_token_ids"] = ids
-                    choice["token_ids"] = tokens
-                return out
+            if isinstance(ev, Piece):
+                text, tokens, lps = text + ev.text, tokens + ev.tokens, lps + ev.logprobs
+                continue
+            reply = cf.parse_reply(text, tools=self.tools, in_reasoning=self.in_reasoning)
+            message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+            if reply.reasoning:
+                message["reasoning_content"] = reply.reasoning
+            if reply.tool_calls:
+                message["tool_calls"] = [tool_call_json(tc) for tc in reply.tool_calls]
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": chat_logprobs(lps) if self.logprobs else None,
+            }
+            choice["finish_reason"] = finish_reason(ev, bool(reply.tool_calls))
+            out = self.env.wrap([choice], False, usage=usage(ev), timings=timings(ev))
+            if self.req.return_token_ids:
+                out["prompt_token_ids"], choice["token_ids"] = self.ids, tokens
+            return out
 
-    return await run_job(ctx, job, request, stream if req.stream else None, collect)
+
+async def serve_chat(ctx, req: ChatRequest, request):
+    from .app import run_job
+
+    ctx.check_model(req.model)
+    refuse_unsupported(req)
+    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    turn = Turn(req, ids, in_reasoning, gen, ctx.settings.model_id)
+    job = ctx.submit(gen)
+    return await run_job(ctx, job, request, turn.stream if req.stream else None, turn.collect)
