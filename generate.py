@@ -71,6 +71,18 @@ def main(argv=None):
         help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
         "the stored dtype for conversions)",
     )
+    p.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="continue the conversation saved in this prompt cache (by --save-prompt-cache): "
+        "the prompt is the next user message, and the tokens the cache holds are not recomputed",
+    )
+    p.add_argument(
+        "--save-prompt-cache",
+        default=None,
+        metavar="FILE",
+        help="after generating, save the conversation's caches to FILE (may be the --prompt-cache-file)",
+    )
     p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
@@ -80,24 +92,39 @@ def main(argv=None):
 
 
 def run(a):
+    import json
     import sys
 
     import mlx.core as mx
 
     from mlx_step35 import load, make_logits_processors, make_sampler, stream_generate
     from mlx_step35.generation import build_prompt, format_stats
+    from mlx_step35.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
     if a.seed is not None:
         mx.random.seed(a.seed)
     model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
-    prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
+    pc, messages = None, []
+    if a.prompt_cache_file:
+        pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
+        messages = json.loads(meta.get("messages", "[]"))
+    elif a.save_prompt_cache:
+        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp)
+    templated = not a.ignore_chat_template and tokenizer.has_chat_template
+    prompt = build_prompt(tokenizer, text, system=a.system, chat_template=templated, history=messages)
+    branch = None  # where the next turn's re-rendered prompt leaves this one: after the user message
+    if pc is not None:  # the whole conversation: the cache reuses the prefix it shares
+        if templated:
+            kw = dict(system=a.system, history=messages, generation_prompt=False)
+            branch = min(len(build_prompt(tokenizer, text, **kw)), len(prompt) - 1)
+        prompt = pc.continuation(prompt if templated else pc.history + prompt)
     if a.verbose:
         print(tokenizer.decode(prompt), end="")
         print("\n" + "=" * 10)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.top_k)
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
-    last = None
+    last, reply = None, ""
     for last in stream_generate(
         model,
         tokenizer,
@@ -107,11 +134,21 @@ def run(a):
         logits_processors=procs,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        prompt_cache=pc,
+        checkpoints=[branch] if branch else (),
     ):
         print(last.text, end="", flush=True)
+        reply += last.text
     print("\n" + "=" * 10)
     if last is not None:
         print(format_stats(last))
+    if a.save_prompt_cache:
+        if not messages and a.system:
+            messages.append({"role": "system", "content": a.system})
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        state = pc.at(branch) if branch in pc.checkpoints else pc  # raw text: it continues at the end
+        save_prompt_cache(a.save_prompt_cache, state, {"messages": json.dumps(messages)})
+        print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
 
 
 if __name__ == "__main__":
