@@ -20,6 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class URL(str):
+    """The server's base URL, with its process as `.proc`."""
+
+    proc: subprocess.Popen
+
+
 @contextmanager
 def running_server(args=(), script=None, timeout=120.0):
     """Yield the base URL of `python -m mlx_step35.server ARGS` (or `python SCRIPT ARGS`) once
@@ -29,7 +35,8 @@ def running_server(args=(), script=None, timeout=120.0):
     cmd += ["--port", str(port), "--log-level", "WARNING", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = URL(f"http://127.0.0.1:{port}")
+    url.proc = proc
     try:
         deadline = time.monotonic() + timeout
         while True:

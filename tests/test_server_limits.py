@@ -1,6 +1,7 @@
 """Server limits on the demo model: API key (401), body limit (413), full queue (503 with
 Retry-After), CORS only for --allowed-origins; each followed by a request that succeeds."""
 
+import signal
 import threading
 
 import httpx
@@ -79,3 +80,16 @@ def test_full_queue_is_503_with_retry_after(url):
         assert r.status_code == 503
         threading.Event().wait(0.1)
     assert r.status_code == 200
+
+
+def test_ctrl_c_ends_running_streams_and_exits_cleanly(url):  # last: stops the server
+    body = {"prompt": "def f(x):", "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(ln for ln in lines if ln.startswith("data: "))
+        url.proc.send_signal(signal.SIGINT)
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
+    assert url.proc.wait(30) == 0
+    out = url.proc.stdout.read()
+    assert "Traceback" not in out, out

@@ -105,8 +105,14 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C / SIGTERM: end running streams now
+            engine.stop()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         logging.getLogger("mlx_step35.server").info("stopped")
     finally:

@@ -147,6 +147,7 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self.busy = False
         self._current: Optional[Job] = None
+        self.stopping = False
         self.thread.start()
 
     @property
@@ -154,6 +155,8 @@ class Engine:
         return self.model.args.max_position_embeddings
 
     def submit(self, request: GenRequest, loop) -> Job:
+        if self.stopping:
+            raise QueueFull()
         job = Job(request, loop)
         try:
             self.queue.put_nowait(job)
@@ -164,10 +167,12 @@ class Engine:
     def queue_depth(self) -> int:
         return self.queue.qsize()
 
-    def shutdown(self, timeout: float = 30.0):
-        """Cancel what is queued, let the running job stop at its next token, join the thread."""
-        if not self.thread.is_alive():
+    def stop(self):
+        """Fail what is queued, cancel the running job at its next token, and let the thread
+        end after it (without waiting: safe from the event loop, e.g. on Ctrl-C)."""
+        if self.stopping:
             return
+        self.stopping = True
         while True:
             try:
                 job = self.queue.get_nowait()
@@ -177,7 +182,11 @@ class Engine:
                 job.cancel()
                 job.emit(Failed("the server is shutting down"))
         self.current_cancel()
-        self.queue.put(None, timeout=timeout)
+        self.queue.put_nowait(None)
+
+    def shutdown(self, timeout: float = 30.0):
+        """stop(), then wait for the generation thread."""
+        self.stop()
         self.thread.join(timeout)
 
     def current_cancel(self):
@@ -264,7 +273,7 @@ class Engine:
         )
         if self.metrics:
             self.metrics.finished(done)
-        job.emit(done)
+        job.emit(Failed("the server is shutting down") if finish == "cancelled" and self.stopping else done)
 
     def _logprob(self, r: GenerationResponse, k: int) -> TokenLogprob:
         lp = r.logprobs.astype(mx.float32)
