@@ -200,6 +200,11 @@ BAD = [
     ({"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "num_draft": 7}, 400, "num_draft"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "top_k": 10**6}, 400, "top_k"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": "x", "frobnicate": True}, 400, "unsupported field 'frobnicate'"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "not found"),
     ({"prompt": [1, 99999]}, 400, "token ids"),
@@ -222,25 +227,40 @@ def test_bad_input_is_4xx_then_next_request_works(url, body, status, words):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-def test_chat_bad_input(url):
-    for body, words in [
-        ({"messages": []}, "messages"),
-        ({"messages": "hi"}, "messages"),
-        (
-            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
-            "response_format",
-        ),
-        (
-            {
-                "messages": [{"role": "user", "content": "x"}],
-                "tool_choice": {"type": "function", "function": {"name": "f"}},
-            },
-            "tool_choice",
-        ),
-    ]:
-        r = post(url, "/v1/chat/completions", body)
-        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
-    assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+CHAT_BAD = [
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+        "response_format",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        "tool_choice",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tools": []}},
+        "chat_template_kwargs",
+    ),
+    ({"messages": [{"role": "user", "content": "x" * 20000}]}, "context"),
+]
+
+
+@pytest.mark.parametrize("body,words", CHAT_BAD, ids=[str(i) for i in range(len(CHAT_BAD))])
+def test_chat_bad_input_is_400_then_next_chat_works(url, body, words):
+    r = post(url, "/v1/chat/completions", body)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    ok = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
 def metric(url, name):

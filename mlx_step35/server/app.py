@@ -273,6 +273,8 @@ class Context:
         draft_mtp, num_draft = num_draft_of(req.num_draft, (s.draft_mtp, s.num_draft))
         pick = lambda v, d: d if v is None else v  # noqa: E731
         top_k = pick(req.top_k, s.top_k)
+        if top_k > vocab:
+            raise RequestError(f"top_k must be at most the vocabulary size {vocab}", "top_k")
         procs = make_logits_processors(
             repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty or None,

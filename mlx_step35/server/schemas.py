@@ -36,7 +36,7 @@ class _Common(BaseModel):
     top_p: Optional[float] = Field(None, ge=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1)  # -1: off, as vLLM
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**64)
     stop: Optional[Union[str, List[str]]] = None
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
