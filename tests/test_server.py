@@ -94,6 +94,9 @@ def test_stream_concatenates_to_non_streamed(url, reference):
 def test_openai_client_completions_and_stream(url, reference):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["mlx-step35-demo"]
+    assert client.models.retrieve("mlx-step35-demo").id == "mlx-step35-demo"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     prompt = PROMPTS[3]
     out = client.completions.create(model="mlx-step35-demo", prompt=prompt, max_tokens=GEN, temperature=0)
     assert out.choices[0].text == reference[prompt]["text"]

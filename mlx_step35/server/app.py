@@ -196,17 +196,22 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         )
 
     add_error_handlers(app)
+    ctx = Context(engine, settings, pool)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
+    card = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}],
-        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        ctx.check_model(name)
+        return card
 
     @app.get("/metrics")
     async def prometheus():
@@ -216,8 +221,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return resources.files("mlx_step35.server").joinpath("static/chat.html").read_text(encoding="utf-8")
-
-    ctx = Context(engine, settings, pool)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
