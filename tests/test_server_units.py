@@ -1,7 +1,13 @@
 """Server pieces without a server: stop strings split across pieces, trunk-pass counting, and the
 Prometheus exposition format of /metrics."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
+
+from server_util import ROOT
 
 from mlx_step35.server.engine import Finished, StopStrings, trunk_passes
 from mlx_step35.server.metrics import Metrics
@@ -57,3 +63,23 @@ def test_metrics_exposition_format():
     assert 'mlx_step35_time_to_first_token_seconds{le="0.5"} 1' in text
     assert "mlx_step35_decode_tokens_per_second 8.0" in text  # 4 tokens after the first in 0.5 s
     assert "mlx_step35_queue_depth 2" in text and "mlx_step35_trunk_passes_total 3" in text
+
+
+def test_cli_errors_are_one_line_exit_2():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, words in [
+            (["--port", str(port)], "cannot listen on 127.0.0.1"),  # before loading the model
+            (["--max-queue", "0"], "--max-queue must be at least 1"),
+        ]:
+            r = subprocess.run(
+                [sys.executable, "-m", "mlx_step35.server", *args],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                timeout=120,
+            )
+            assert r.returncode == 2 and words in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -2,14 +2,16 @@
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..cli import ArgumentParser, user_errors
 from ..generation import MAX_DRAFT, NUM_DRAFT
 from ..sampling import Sampler
 from .app import Settings, create_app
-from .engine import Engine, GenRequest
+from .engine import MAX_QUEUE, Engine, GenRequest
 
 __all__ = ["main", "serve", "create_app", "Engine", "GenRequest", "Settings"]
 DEMO_ID = "mlx-step35-demo"
@@ -49,7 +51,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--allowed-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)")
     p.add_argument(
-        "--max-queue", type=int, default=64, help="queued requests before 503 (default %(default)s)"
+        "--max-queue", type=int, default=MAX_QUEUE, help="queued requests before 503 (default %(default)s)"
     )
     p.add_argument(
         "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit, 413 above it"
@@ -72,6 +74,10 @@ def main(argv=None):
     if a.top_k < 0 or a.temp < 0 or not 0 <= a.top_p <= 1 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 <= --top-p <= 1, 0 <= --min-p <= 1 and --top-k >= 0")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # before loading (minutes for the real model): a busy port fails now
+        sock = bind(a.host, a.port)
+    except OSError as e:
+        p.error(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}")
     with user_errors(p.prog):
         from ..loading import load
 
@@ -91,15 +97,37 @@ def main(argv=None):
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
     )
-    serve(model, tokenizer, settings, host=a.host, port=a.port, max_queue=a.max_queue, log_level=a.log_level)
+    serve(model, tokenizer, settings, sock=sock, max_queue=a.max_queue, log_level=a.log_level)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(
-    model, tokenizer, settings: Settings, *, host="127.0.0.1", port=8080, max_queue=64, log_level="INFO"
+    model,
+    tokenizer,
+    settings: Settings,
+    *,
+    host="127.0.0.1",
+    port=8080,
+    sock: Optional[socket.socket] = None,
+    max_queue=MAX_QUEUE,
+    log_level="INFO",
 ):
-    """Run the server until Ctrl-C / SIGTERM (blocking)."""
+    """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking)."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     engine = Engine(model, tokenizer, max_queue=max_queue)
     app = create_app(engine, settings)
     config = uvicorn.Config(
@@ -112,7 +140,7 @@ def serve(
             super().handle_exit(sig, frame)
 
     try:
-        Server(config).run()
+        Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         logging.getLogger("mlx_step35.server").info("stopped")
     finally:

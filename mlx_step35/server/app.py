@@ -16,7 +16,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import make_logits_processors, make_sampler
+from ..generation import MAX_TOKENS, NUM_DRAFT
+from ..sampling import Sampler, make_logits_processors, make_sampler
 from .chat import serve_chat
 from .engine import Engine, Failed, Finished, GenRequest, Piece, QueueFull
 from .metrics import Metrics
@@ -43,13 +44,13 @@ class Settings:
     api_key: Optional[str] = None
     allowed_origins: List[str] = field(default_factory=list)
     max_body_bytes: int = 16 * 2**20
-    max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 0.0
-    top_k: int = 0
-    min_p: float = 0.0
+    max_tokens: int = MAX_TOKENS
+    temp: float = Sampler.temp
+    top_p: float = Sampler.top_p
+    top_k: int = Sampler.top_k
+    min_p: float = Sampler.min_p
     draft_mtp: bool = True
-    num_draft: Union[int, str] = "auto"
+    num_draft: Union[int, str] = NUM_DRAFT
 
 
 class Guard:

@@ -16,6 +16,7 @@ from ..sampling import Sampler
 from ..speculative import SpecStats
 
 log = logging.getLogger("mlx_step35.server")
+MAX_QUEUE = 64  # requests waiting for the generation thread before 503
 
 
 @dataclass
@@ -139,7 +140,7 @@ class StopStrings:
 class Engine:
     """Owns the model; runs queued jobs one at a time on its own thread."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = 64, metrics=None):
+    def __init__(self, model, tokenizer, *, max_queue: int = MAX_QUEUE, metrics=None):
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
