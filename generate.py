@@ -3,6 +3,7 @@
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
 from mlx_step35.sampling import Sampler
 
@@ -72,6 +73,25 @@ def main(argv=None):
         "the stored dtype for conversions)",
     )
     p.add_argument(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="keep the routed experts on disk and cache at most this many GB of them in memory "
+        "(quantized conversions; exact output; e.g. 40 on a 64 GB Mac)",
+    )
+    p.add_argument(
+        "--expert-cache-policy",
+        default=EXPERT_CACHE_POLICY,
+        choices=list(POLICIES),
+        help="eviction policy of the expert cache (default %(default)s)",
+    )
+    p.add_argument(
+        "--trace-experts",
+        default=None,
+        metavar="FILE",
+        help="record each pass's routed experts per MoE layer to FILE (npz) for benchmarks/expert_cache.py",
+    )
+    p.add_argument(
         "--prompt-cache-file",
         default=None,
         help="continue the conversation saved in this prompt cache (by --save-prompt-cache): "
@@ -87,6 +107,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
+        p.error("--expert-cache-gb must be positive")
     with user_errors(p.prog):
         run(a)
 
@@ -97,13 +119,13 @@ def run(a):
 
     import mlx.core as mx
 
-    from mlx_step35 import load, make_logits_processors, make_sampler, stream_generate
+    from mlx_step35 import make_logits_processors, make_sampler, stream_generate
     from mlx_step35.generation import build_prompt, format_stats
     from mlx_step35.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
+    model, tokenizer, trace = load_model(a)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
     pc, messages = None, []
     if a.prompt_cache_file:
@@ -142,6 +164,7 @@ def run(a):
     print("\n" + "=" * 10)
     if last is not None:
         print(format_stats(last))
+    report_experts(a, model, trace, last, prompt)
     if a.save_prompt_cache:
         if not messages and a.system:
             messages.append({"role": "system", "content": a.system})
@@ -149,6 +172,36 @@ def run(a):
         state = pc.at(branch) if branch in pc.checkpoints else pc  # raw text: it continues at the end
         save_prompt_cache(a.save_prompt_cache, state, {"messages": json.dumps(messages)})
         print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
+
+
+def load_model(a):
+    """load() with the CLI's flags; with --expert-cache-gb the pre-flight is printed first
+    (a budget too small is refused there, before anything loads)."""
+    from mlx_step35 import load
+    from mlx_step35.expert_cache import plan_expert_cache
+    from mlx_step35.expert_trace import trace_experts
+    from mlx_step35.loading import resolve_path
+
+    if a.expert_cache_gb is not None:
+        print(plan_expert_cache(resolve_path(a.model), a.expert_cache_gb).describe())
+    model, tokenizer = load(
+        a.model,
+        quantize=not a.no_quantize,
+        dtype=a.dtype,
+        expert_cache_gb=a.expert_cache_gb,
+        expert_cache_policy=a.expert_cache_policy,
+    )
+    return model, tokenizer, trace_experts(model) if a.trace_experts else None
+
+
+def report_experts(a, model, trace, last, prompt):
+    """The expert cache's counters, and the expert trace written to --trace-experts."""
+    if getattr(model, "expert_cache", None) is not None and last is not None:
+        print(model.expert_cache.summary(last.generation_tokens))
+    if trace is not None:
+        n = last.generation_tokens if last is not None else 0
+        trace.save(a.trace_experts, prompt_tokens=len(prompt), generated_tokens=n)
+        print(f"Expert trace: {a.trace_experts}")
 
 
 if __name__ == "__main__":
