@@ -1,5 +1,6 @@
 """Server limits on the demo model: API key (401), body limit (413), full queue (503 with
-Retry-After), CORS only for --allowed-origins; each followed by a request that succeeds."""
+Retry-After), CORS only for --allowed-origins, each followed by a request that succeeds; Ctrl-C.
+This server also keeps its routed experts on disk (--expert-cache-gb): output unchanged."""
 
 import signal
 import threading
@@ -16,6 +17,7 @@ ORIGIN = "http://editor.example"
 @pytest.fixture(scope="module")
 def url():
     args = ["--api-key", KEY, "--max-queue", "1", "--max-body-bytes", "4096", "--allowed-origins", ORIGIN]
+    args += ["--expert-cache-gb", "0.001", "--num-draft", "2"]
     with running_server(args) as u:
         yield u
     assert running_server.last_exit == 0, running_server.last_output[-2000:]
@@ -24,6 +26,17 @@ def url():
 def ok(url):
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_expert_cache_server_output_identical_to_resident_plain_decoding(url):
+    from mlx_step35 import load, stream_generate
+
+    model, tok = load(None)
+    ref = [r.token for r in stream_generate(model, tok, "def fibonacci(n):", 24)]
+    body = {"prompt": "def fibonacci(n):", "max_tokens": 24, "return_token_ids": True}
+    r = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60).json()
+    assert r["choices"][0]["token_ids"] == ref
+    assert r["timings"]["mtp"]["drafted"][0] > 0
 
 
 def test_api_key(url):

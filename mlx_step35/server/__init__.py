@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cli import ArgumentParser, user_errors
+from ..expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from ..generation import MAX_DRAFT, NUM_DRAFT
 from ..sampling import Sampler
 from .app import Settings, create_app
@@ -56,6 +57,19 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit, 413 above it"
     )
+    p.add_argument(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="keep the routed experts on disk and cache at most this many GB of them in memory "
+        "(quantized conversions; exact output; as generate.py)",
+    )
+    p.add_argument(
+        "--expert-cache-policy",
+        default=EXPERT_CACHE_POLICY,
+        choices=list(POLICIES),
+        help="eviction policy of the expert cache (default %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -67,6 +81,7 @@ def main(argv=None):
         ("--max-tokens", a.max_tokens, 1),
         ("--max-queue", a.max_queue, 1),
         ("--max-body-bytes", a.max_body_bytes, 1),
+        ("--expert-cache-gb", 1 if a.expert_cache_gb is None else a.expert_cache_gb, 1e-9),
         ("--port", a.port, 0),
     ):
         if value < low:
@@ -81,7 +96,16 @@ def main(argv=None):
     with user_errors(p.prog):
         from ..loading import load
 
-        model, tokenizer = load(a.model)
+        if a.expert_cache_gb is not None:
+            from ..expert_cache import plan_expert_cache
+            from ..loading import resolve_path
+
+            logging.getLogger("mlx_step35.server").info(
+                plan_expert_cache(resolve_path(a.model), a.expert_cache_gb).describe()
+            )
+        model, tokenizer = load(
+            a.model, expert_cache_gb=a.expert_cache_gb, expert_cache_policy=a.expert_cache_policy
+        )
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else DEMO_ID)
     settings = Settings(
         model_id=name,
