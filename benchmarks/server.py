@@ -126,6 +126,24 @@ def report(results, a):
             f"| {arm} | {c} | {median(ttft):.0f} ({lo:.0f}-{hi:.0f}) | {median(tps):.1f} ({tlo:.1f}-{thi:.1f}) "
             f"| {median([agg for _, agg in bursts]):.1f} | {median([n for _, _, n in rows]):.0f} |"
         )
+    base = "mlx_lm.server"
+    print(f"\nPer-round ratios vs {base} (same round, so the machine's slow phases cancel): median, 95% CI")
+    print("| arm | clients | decode tok/s ratio | aggregate tok/s ratio | TTFT ratio |")
+    print("|---|---|---|---|---|")
+    for (arm, c), bursts in results.items():
+        if arm == base:
+            continue
+        pairs = list(zip(bursts, results[(base, c)]))
+        cells = []
+        for stat in (
+            lambda b: median([x for _, x, _ in b[0]]),
+            lambda b: b[1],
+            lambda b: median([t for t, _, _ in b[0]]),
+        ):
+            ratios = [stat(o) / stat(t) for o, t in pairs]
+            lo, hi = interval(ratios)
+            cells.append(f"{median(ratios):.2f} ({lo:.2f}-{hi:.2f})")
+        print(f"| {arm} | {c} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
