@@ -427,3 +427,14 @@ def test_preflight_weights_equal_what_load_allocates(tiny_ckpt, tmp_path, bits):
     out = convert(tiny_ckpt, tmp_path / "conv", quantize=True, q_bits=bits)
     written = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert preflight(out).needs.weights == written == loaded_bytes(load(out)[0])
+
+
+def test_server_holds_the_wired_limit_for_its_whole_life(mac, model):
+    from fastapi.testclient import TestClient
+
+    from mlx_step35.server import Engine, Settings, create_app
+
+    app = create_app(Engine(*model), Settings(model_id="tiny"))
+    with TestClient(app):
+        assert mac.limit == mac.recommended
+    assert mac.limit == 0 and mac.limits == [mac.recommended, 0]
