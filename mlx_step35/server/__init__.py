@@ -10,6 +10,7 @@ from typing import Optional
 from ..cli import ArgumentParser, user_errors
 from ..expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from ..generation import MAX_DRAFT, NUM_DRAFT
+from ..prompt_cache import PromptCacheStore, default_store_gb
 from ..sampling import Sampler
 from .app import Settings, create_app
 from .engine import MAX_QUEUE, Engine, GenRequest
@@ -70,6 +71,19 @@ def parser() -> ArgumentParser:
         choices=list(POLICIES),
         help="eviction policy of the expert cache (default %(default)s)",
     )
+    p.add_argument(
+        "--prompt-cache-gb",
+        type=float,
+        default=default_store_gb(),
+        help="memory for conversations' prompt caches, reused across turns (default %(default)s: 5%% of "
+        "this machine's memory, 0.5-8 GB); 0 turns the cache off",
+    )
+    p.add_argument(
+        "--prompt-cache-dir",
+        default=None,
+        help="also keep prompt caches in this directory (read back after a restart; bounded to 4x "
+        "--prompt-cache-gb, oldest files first)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -78,6 +92,7 @@ def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
     for flag, value, low in (
+        ("--prompt-cache-gb", a.prompt_cache_gb, 0),
         ("--max-tokens", a.max_tokens, 1),
         ("--max-queue", a.max_queue, 1),
         ("--max-body-bytes", a.max_body_bytes, 1),
@@ -121,7 +136,16 @@ def main(argv=None):
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
     )
-    serve(model, tokenizer, settings, sock=sock, max_queue=a.max_queue, log_level=a.log_level)
+    serve(
+        model,
+        tokenizer,
+        settings,
+        sock=sock,
+        max_queue=a.max_queue,
+        log_level=a.log_level,
+        prompt_cache_gb=a.prompt_cache_gb,
+        prompt_cache_dir=a.prompt_cache_dir,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -147,12 +171,20 @@ def serve(
     sock: Optional[socket.socket] = None,
     max_queue=MAX_QUEUE,
     log_level="INFO",
+    prompt_cache_gb: float = 0.0,
+    prompt_cache_dir=None,
 ):
-    """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking)."""
+    """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking).
+    With `prompt_cache_gb` > 0, conversations' caches are reused across requests."""
     import uvicorn
 
     sock = sock or bind(host, port)
-    engine = Engine(model, tokenizer, max_queue=max_queue)
+    store = None
+    if prompt_cache_gb > 0:
+        store = PromptCacheStore(
+            model, int(prompt_cache_gb * 1e9), draft_mtp=model.num_mtp > 0, directory=prompt_cache_dir
+        )
+    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store)
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5

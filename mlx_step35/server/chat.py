@@ -54,7 +54,8 @@ def render(tokenizer, req: ChatRequest):
         raise RequestError(str(e), "messages") from None
     except TemplateError as e:
         raise RequestError(f"the chat template failed on these messages: {e}", "messages") from None
-    return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids[-64:]))  # the generation prompt's end
+    marks = cf.branch_points(tokenizer, req.messages, ids, req.tools, req.tool_choice, kwargs)
+    return ids, cf.prompt_opens_reasoning(tokenizer.decode(ids[-64:])), marks  # the generation prompt's end
 
 
 class Turn:
@@ -128,9 +129,10 @@ async def serve_chat(ctx, req: ChatRequest, request):
 
     ctx.check_model(req.model)
     refuse_unsupported(req)
-    ids, in_reasoning = await ctx.off_loop(render, ctx.engine.tokenizer, req)
+    ids, in_reasoning, marks = await ctx.off_loop(render, ctx.engine.tokenizer, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    gen.checkpoints = marks  # where the prompt cache snapshots the prefill
     turn = Turn(req, ids, in_reasoning, gen, ctx.settings.model_id)
     job = ctx.submit(gen)
     return await run_job(ctx, job, request, turn.stream if req.stream else None, turn.collect)

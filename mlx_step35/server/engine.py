@@ -32,6 +32,7 @@ class GenRequest:
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs; 0: the chosen token's only
+    checkpoints: List[int] = field(default_factory=list)  # prompt positions the prompt cache snapshots
 
 
 @dataclass
@@ -140,10 +141,12 @@ class StopStrings:
 class Engine:
     """Owns the model; runs queued jobs one at a time on its own thread."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = MAX_QUEUE, metrics=None):
+    def __init__(self, model, tokenizer, *, max_queue: int = MAX_QUEUE, metrics=None, prompt_cache=None):
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.prompt_cache = prompt_cache  # a PromptCacheStore, or None: every prompt from scratch
+        self.cached_tokens = 0  # of the job being served
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self.busy = False
@@ -196,20 +199,42 @@ class Engine:
             job.cancel()
 
     def generate(self, request: GenRequest) -> Iterator[GenerationResponse]:
-        """Where a request's prompt meets its cache: today a fresh cache per request
-        (the prompt-cache reuse plugs in here). Runs on the generation thread."""
+        """Where a request's prompt meets its cache: the prompt cache store hands out the
+        conversation sharing the longest prefix, and gets it back when the generation ends
+        (not after an error: its state is then unknown). Runs on the generation thread."""
         if request.seed is not None:
             mx.random.seed(request.seed)
-        return stream_generate(
+        pc, prompt = None, request.prompt
+        if self.prompt_cache is not None:
+            pc, prompt = self.prompt_cache.acquire(request.prompt)
+        gen = stream_generate(
             self.model,
             self.tokenizer,
-            request.prompt,
+            prompt,
             request.max_tokens,
             sampler=request.sampler,
             logits_processors=request.processors,
             draft_mtp=request.draft_mtp,
             num_draft=request.num_draft,
+            prompt_cache=pc,
+            checkpoints=request.checkpoints,
         )
+        return gen if pc is None else self._returning(gen, pc)
+
+    def _returning(self, gen, pc):
+        ok = False
+        try:
+            for r in gen:
+                self.cached_tokens = pc.cached_tokens
+                yield r
+            ok = True
+        except GeneratorExit:
+            ok = True
+            raise
+        finally:
+            gen.close()
+            if ok:
+                self.prompt_cache.release(pc)
 
     def _run(self):
         while True:
@@ -234,6 +259,7 @@ class Engine:
         start = time.perf_counter()
         first = last = None
         stops = StopStrings(req.stop)
+        self.cached_tokens = 0
         n = 0
         finish = None
         r = None
@@ -266,7 +292,7 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=len(req.prompt),
             completion_tokens=n,
-            cached_tokens=0,
+            cached_tokens=self.cached_tokens,
             queued_s=start - job.created,
             prompt_s=(first or time.perf_counter()) - start,
             decode_s=(last - first) if first is not None else 0.0,
