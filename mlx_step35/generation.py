@@ -10,6 +10,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
@@ -117,7 +118,8 @@ def generate_step(
         grow_slack(cache, slack0)
         marks = (sorted(set(checkpoints) | {len(tokens) - CHECKPOINT_BEFORE_END}), prompt_cache)
     try:
-        with mx.stream(generation_stream):
+        # Weights stay wired while generating (on Metal); restored when the generator ends or is closed.
+        with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
             tic = time.perf_counter()
             h = _prefill(model, tokens, cache, drafter, prefill_step_size, start, marks)
             logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
@@ -127,13 +129,13 @@ def generate_step(
                 policy.observe_prefill(len(tokens) - 1 - start, time.perf_counter() - tic)
             yield tok, logprobs[0], False
             if policy is None:
-                yield from _plain_run(
-                    model, tokens, cache, sampler, logits_processors, max_tokens - 1, drafter
+                rest = _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1, drafter)
+            else:
+                rest = _speculative(
+                    model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
                 )
-                return
-            yield from _speculative(
-                model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
-            )
+            # The first token is out: clear MLX's buffer cache after every DECODE_CLEAR_EVERY-th.
+            yield from clearing_cache(rest, DECODE_CLEAR_EVERY, first=2)
     finally:
         if prompt_cache is not None:
             prompt_cache.finish(tokens)
@@ -177,6 +179,7 @@ def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
             drafter.add_trunk(h)
             drafter.commit(tokens)
         mx.eval([(c.keys, c.values) for c in cache], drafter.state() if drafter else [])
+        mx.clear_cache()  # free the chunk's activations now, as mlx-lm does
         if pc is not None and e in positions:
             pc.tokens = tokens[:e]
             pc.checkpoint()

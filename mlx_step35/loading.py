@@ -11,6 +11,15 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
+from .memory import (
+    Device,
+    InsufficientMemoryError,
+    MemoryWarning,
+    Preflight,
+    assess,
+    estimate,
+    recipe_weights,
+)
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -27,6 +36,7 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 DEMO_MODEL = Path(__file__).parent / "demo"
+CONTEXT = 32768  # tokens of context the pre-flight of load() budgets KV cache for
 
 
 def resolve_path(path_or_repo: Union[str, Path, None]) -> Path:
@@ -84,6 +94,52 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
     return model, args, config, keys, plan
 
 
+def preflight(
+    path: Union[str, Path, None] = None,
+    *,
+    quantize: Union[bool, QuantRecipe] = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Union[str, mx.Dtype, None] = None,
+    mtp: bool = True,
+    context: int = CONTEXT,
+    draft: Optional[bool] = None,
+    expert_cache_gb: Optional[float] = None,
+    device: Optional[Device] = None,
+) -> Preflight:
+    """Whether loading `path` as `load()` would (same arguments) and generating `context`
+    tokens fits this machine, from the config and the index alone; see `memory.assess`.
+    `draft` (default: when the MTP blocks load) adds their KV caches."""
+    path = resolve_path(path)
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the checkpoint lacks or skips, load() says
+        model, args, config, _, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device)
+
+
+def _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
+    torch_dtype = config.get("torch_dtype")
+    dt = parse_dtype(dtype) or (DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None)
+    dt = dt or mx.bfloat16
+    draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
+    needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
+    device = device or Device.current()
+    if needs.total <= (device.recommended or device.memory):
+        return assess(needs, device)
+    if plan.fmt == "mlx":  # a conversion loads as converted: its own bits
+        recipe = None
+    stored = config.get("quantization") or {}
+    group = stored.get("group_size") or (recipe.group_size if recipe else 64)
+    bits = stored.get("bits") or (recipe.bits if recipe else 16)
+    smaller = {  # offered as a fix: lower --q-bits (for a conversion: reconverting)
+        b: recipe_weights(args, QuantRecipe(bits=b, group_size=group), mtp=bool(model.mtp), dtype=dt)["total"]
+        for b in (3, 4, 6, 8)
+        if b < bits
+    }
+    return assess(needs, device, smaller)
+
+
 def load(
     path: Union[str, Path, None] = None,
     *,
@@ -92,6 +148,8 @@ def load(
     q_group_size: int = 64,
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
+    context: int = CONTEXT,
+    force: bool = False,
     expert_cache_gb: Optional[float] = None,
     expert_cache_policy: str = EXPERT_CACHE_POLICY,
 ) -> Tuple[Model, TokenizerWrapper]:
@@ -103,6 +161,11 @@ def load(
     (`quantize=False` keeps `dtype`, default bfloat16). A conversion loads as it was
     converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
+
+    Before reading any weight, a memory pre-flight (see `preflight`) for `context` tokens
+    warns (MemoryWarning) when the model does not fit the GPU's working set, naming the fix,
+    and raises InsufficientMemoryError when it needs more than the machine's memory, unless
+    `force`.
 
     With `expert_cache_gb`, the routed experts of a quantized conversion stay on disk and
     are read on demand into per-layer slot pools of at most that many GB in all (see
@@ -117,9 +180,13 @@ def load(
                 f"expert_cache_policy {expert_cache_policy!r}: choose one of {', '.join(POLICIES)}"
             )
         cache_plan = plan_expert_cache(path, expert_cache_gb, mtp=mtp)
-    model, args, _, keys, plan = build(
-        path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
-    )
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    report = _assess(model, args, config, plan, recipe, dtype, context, None, expert_cache_gb, None)
+    if report.refuse and not force:
+        raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
+    if not report.ok:
+        warnings.warn(report.text(), MemoryWarning, stacklevel=2)
     streamed = is_streamed(cache_plan) if cache_plan else None
     weights = {}
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
