@@ -80,6 +80,16 @@ def main(argv=None):
 
 
 def run(a):
+    from mlx_step35.distributed import exit_when_terminated, peer_errors, world
+
+    group = world()  # started by mlx.launch with several ranks: tensor parallel over them
+    if group is not None:
+        exit_when_terminated(f"generate.py: error: rank {group.rank()}: stopped, another rank exited")
+    with peer_errors(group.rank() if group else None):
+        generate(a, group)
+
+
+def generate(a, group):
     import sys
 
     import mlx.core as mx
@@ -89,12 +99,13 @@ def run(a):
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
+    show = print if group is None or group.rank() == 0 else (lambda *args, **kwargs: None)
+    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype, group=group)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
     if a.verbose:
-        print(tokenizer.decode(prompt), end="")
-        print("\n" + "=" * 10)
+        show(tokenizer.decode(prompt), end="")
+        show("\n" + "=" * 10)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.top_k)
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
     last = None
@@ -108,10 +119,10 @@ def run(a):
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
     ):
-        print(last.text, end="", flush=True)
-    print("\n" + "=" * 10)
+        show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
+    show("\n" + "=" * 10)
     if last is not None:
-        print(format_stats(last))
+        show(format_stats(last))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .distributed import lockstep
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
     AutoDraft,
@@ -91,7 +92,7 @@ def generate_step(
         tic = time.perf_counter()
         h = _prefill(model, tokens, cache, drafter, prefill_step_size)
         logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
-        tok = int(sampler(logprobs).item())
+        tok = int(lockstep(model).array(sampler(logprobs)).item())  # rank 0's token on every rank
         tokens.append(tok)
         if policy:
             policy.observe_prefill(len(prompt), time.perf_counter() - tic)
@@ -133,6 +134,7 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
     depth that ended the run, or None when `count` tokens are out."""
     hist = mx.array(tokens[:-1], dtype=mx.int32)
+    sync = lockstep(model)
 
     def step(y):
         nonlocal hist
@@ -140,7 +142,7 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
         if processors:
             hist = mx.concatenate([hist, y])
         lp = process(model.logits(h)[:, -1], hist, processors)
-        return sampler(lp).astype(mx.int32), lp[0], h
+        return sync.array(sampler(lp).astype(mx.int32)), lp[0], h
 
     nxt = step(mx.array(tokens[-1:], dtype=mx.int32))
     mx.async_eval(nxt)
@@ -153,7 +155,7 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
         if more and policy and timed >= policy.plain_check:
             policy.update_plain(timed, last - since)
             since, timed = last, 0
-            choice = policy.choose()
+            choice = sync.ints([policy.choose()])[0]  # timings differ per rank: rank 0 decides
             more = choice == 0
         if more:
             nxt = step(y)
@@ -175,10 +177,11 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
     """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
     and verification form one lazy graph, evaluated once when the step is decided."""
     n_out = 0
+    sync = lockstep(model)
     slack = policy.max_depth + 1
     n = None  # the depth of the next step, when already chosen
     while n_out < max_new:
-        n = min(policy.choose() if n is None else n, max_new - n_out - 1)
+        n = min(sync.ints([policy.choose()])[0] if n is None else n, max_new - n_out - 1)
         if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
             start = len(tokens)
             n = yield from _plain_run(
@@ -207,7 +210,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
         else:
             lp = logits.astype(mx.float32)
             lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        n_acc, nxt = accept(drafts, dists, lp, sampler)
+        n_acc, nxt = sync.ints(list(accept(drafts, dists, lp, sampler)))
         rewind(cache, n - n_acc)
         drafter.add_trunk(h[:, : n_acc + 1])
         policy.update(n, n_acc, time.perf_counter() - tic)

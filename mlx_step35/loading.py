@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
+from .distributed import shard
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -91,6 +92,7 @@ def load(
     q_group_size: int = 64,
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
+    group: Optional[mx.distributed.Group] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a Step-3.5/3.7-Flash model and its tokenizer.
 
@@ -100,15 +102,24 @@ def load(
     (`quantize=False` keeps `dtype`, default bfloat16). A conversion loads as it was
     converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
+
+    With a `group` of N > 1 ranks (`mx.distributed.init()` under `mlx.launch`), the model is
+    tensor-parallel over it and each rank reads only its slice of the split weights (see
+    `mlx_step35.distributed`); every rank must then run the same generation calls.
     """
     path = resolve_path(path)
     model, args, _, keys, plan = build(
         path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
     )
+    if group is not None and group.size() > 1:
+        plan = shard(model, plan, group)  # refuses an unsplittable model before reading
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     seen = set()
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp):
         if name in seen:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
+        if name in shapes and tuple(arr.shape) != tuple(shapes[name]):
+            raise CheckpointError(f"{path}: {name} loads with shape {arr.shape}, expected {shapes[name]}")
         seen.add(name)
         model.update(tree_unflatten([(name, arr)]), strict=False)
     missing = plan.checkpoint_names(plan.missing(seen))

@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import rewind
+from .distributed import lockstep
 from .sampling import Sampler, process
 
 
@@ -153,6 +154,7 @@ class MTPDrafter:
                     dist = sampler.probs(lp)
                     tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
                     dists.append(dist)
+                tok = lockstep(self.model).array(tok)  # rank 0's draft feeds the next block on every rank
                 drafts.append(tok)
         finally:  # keep only committed entries, whatever happened
             for k in range(1, self.K + 1):
