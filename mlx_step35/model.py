@@ -68,10 +68,14 @@ class MoE(nn.Module):
             activation=ClampedSwiGLU(limit) if limit > 0 else SwiGLU(),
         )
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
+        self.layer = i
+        self.on_route = None  # optional callback(layer, idx): expert tracing
         self.sharding_group = None  # tensor parallel: each rank holds a slice of every expert
 
     def __call__(self, x: mx.array) -> mx.array:
         idx, weights = self.gate(x)  # [B, L, top_k]
+        if self.on_route is not None:
+            self.on_route(self.layer, idx)
         routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
         routed = (routed * weights[..., None]).sum(axis=-2)  # fp32 weights: sum in fp32
         out = routed.astype(x.dtype) + self.share_expert(x)
