@@ -295,9 +295,11 @@ def main():
             f"ratio 2 ranks / 1 process {median(ratios):.2f} (95% interval {lo:.2f}-{hi:.2f})"
         )
         n, b = extra["plain"]
-        print(f"  all-sums per plain token: {n} ({b} bytes in all; 2 per layer + 1 lockstep broadcast)")
+        print(
+            f"  all-sums per trunk pass of one token: {n} ({b} bytes; 2 per layer, plus 1 token broadcast in the loop)"
+        )
         n, b = extra["verify4"]
-        print(f"  all-sums per 4-token verify pass (no broadcast): {n} ({b} bytes in all)")
+        print(f"  all-sums per 4-token verify pass: {n} ({b} bytes)")
         for k in (1, 2, 3):
             n, steps = extra[f"spec{k}"]
             print(f"  drafting k={k}: {n:.1f} all-sums per speculative step (mean of {steps} steps)")
