@@ -172,6 +172,9 @@ class SliceReader:
         self.reader, self.kind, self.rank, self.size = reader, kind, rank, size
         self.path = reader.path
 
+    def __getattr__(self, name):  # dtype, tensors, ...: the stored tensor's
+        return getattr(self.reader, name)
+
     def shape(self, key):
         return self.reader.shape(key)
 
