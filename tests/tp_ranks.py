@@ -133,14 +133,15 @@ def die_midway(path, group):
 
 def main():
     """OUT_DIR SPEC...: SPEC is PATH:KIND (KIND: a LOAD_ARGS key; `rss` loads only, first,
-    for the peak RSS; `full`: f32 with every draft depth and sampling). `--die PATH`: the
-    lost-rank check."""
+    for the peak RSS; `full`: f32 with every draft depth and sampling); with several ranks,
+    then the lost-rank check on the last checkpoint (or only that: `--die PATH`)."""
     out, *specs = sys.argv[1:]
     group = world()
     if out == "--die":
         return die_midway(specs[0], group)
     rank = group.rank() if group else 0
     res = {}
+    path = None
     for spec in specs:
         path, _, kind = spec.rpartition(":")
         if kind == "rss":
@@ -152,6 +153,8 @@ def main():
             if full:
                 res["serve"] = serve(path, group)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    if group is not None:  # last: the lost-rank check ends the run
+        die_midway(path, group)
 
 
 if __name__ == "__main__":
