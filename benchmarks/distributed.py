@@ -1,4 +1,4 @@
-"""Benchmark 9: tensor parallelism over 2 ranks (`mlx.launch --backend ring -n 2`).
+"""Benchmark 10: tensor parallelism over 2 ranks (`mlx.launch --backend ring -n 2`).
 
 Measured here: plain greedy decoding of the larger random 4-bit checkpoint (benchmark 1's) by
 2 local ranks vs 1 process, interleaved rounds, tokens/s ratio of medians; all-sums per token

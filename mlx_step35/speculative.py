@@ -17,6 +17,8 @@ from .cache import rewind
 from .distributed import lockstep
 from .sampling import Sampler, process
 
+PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
+
 
 @dataclass
 class SpecStats:
@@ -52,7 +54,7 @@ class SpecStats:
 
 
 class MTPDrafter:
-    def __init__(self, model, slack: int, chunk: int = 2048):
+    def __init__(self, model, slack: int, chunk: int = PREFILL_STEP):
         self.model = model
         self.K = model.num_mtp
         self.cache = model.make_mtp_cache(slack)
