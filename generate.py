@@ -147,7 +147,7 @@ def main(argv=None):
         run(a)
 
 
-def check_memory(a, text: str) -> int:
+def check_memory(a, text: str, group=None) -> int:
     """Print the memory pre-flight when the model does not fit (or with --verbose); exit 2
     when it cannot fit at all, unless --force. Returns the context it budgeted for."""
     from mlx_step35.loading import preflight
@@ -164,6 +164,7 @@ def check_memory(a, text: str) -> int:
         context=context,
         draft=a.draft_mtp,
         expert_cache_gb=a.expert_cache_gb,
+        group=group,
     )
     if a.verbose or not report.ok:
         print(report.text(), file=sys.stderr)
@@ -179,6 +180,20 @@ def check_memory(a, text: str) -> int:
 
 
 def run(a):
+    from mlx_step35.distributed import exit_when_terminated, peer_errors, world
+
+    group = world()  # started by mlx.launch with several ranks: tensor parallel over them
+    if group is not None and (a.prompt_cache_file or a.save_prompt_cache):
+        raise ValueError(
+            "prompt cache files are not supported under tensor parallelism yet (each rank holds a shard)"
+        )
+    if group is not None:
+        exit_when_terminated(f"generate.py: error: rank {group.rank()}: stopped, another rank exited")
+    with peer_errors(group.rank() if group else None):
+        generate(a, group)
+
+
+def generate(a, group):
     import json
 
     import mlx.core as mx
@@ -189,8 +204,9 @@ def run(a):
 
     if a.seed is not None:
         mx.random.seed(a.seed)
+    show = print if group is None or group.rank() == 0 else (lambda *args, **kwargs: None)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
-    model, tokenizer, trace = load_model(a, check_memory(a, text))
+    model, tokenizer, trace = load_model(a, check_memory(a, text, group), group)
     pc, messages = None, []
     if a.prompt_cache_file:
         pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
@@ -206,8 +222,8 @@ def run(a):
             branch = min(len(build_prompt(tokenizer, text, **kw)), len(prompt) - 1)
         prompt = pc.continuation(prompt if templated else pc.history + prompt)
     if a.verbose:
-        print(tokenizer.decode(prompt), end="")
-        print("\n" + "=" * 10)
+        show(tokenizer.decode(prompt), end="")
+        show("\n" + "=" * 10)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.top_k)
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
     last, reply = None, ""
@@ -224,11 +240,13 @@ def run(a):
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
     ):
-        print(last.text, end="", flush=True)
+        show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
         reply += last.text
-    print("\n" + "=" * 10)
+    show("\n" + "=" * 10)
     if last is not None:
-        print(format_stats(last))
+        show(format_stats(last))
+    if group is not None and group.rank() != 0:
+        return  # rank 0 reports and saves
     report_experts(a, model, trace, last, prompt)
     if a.save_prompt_cache:
         if not messages and a.system:
@@ -239,7 +257,7 @@ def run(a):
         print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
 
 
-def load_model(a, context: int):
+def load_model(a, context: int, group=None):
     """load() with the CLI's flags (the memory pre-flight for `context` tokens was printed
     by check_memory); with --expert-cache-gb the expert cache's pre-flight is printed first
     (a budget too small is refused there, before anything loads)."""
@@ -260,6 +278,7 @@ def load_model(a, context: int):
         force=True,  # check_memory decided
         expert_cache_gb=a.expert_cache_gb,
         expert_cache_policy=a.expert_cache_policy,
+        group=group,
     )
     return model, tokenizer, trace_experts(model) if a.trace_experts else None
 

@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
+from .distributed import shard
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
 from .memory import (
     Device,
@@ -106,15 +107,19 @@ def preflight(
     draft: Optional[bool] = None,
     expert_cache_gb: Optional[float] = None,
     device: Optional[Device] = None,
+    group: Optional[mx.distributed.Group] = None,
 ) -> Preflight:
     """Whether loading `path` as `load()` would (same arguments) and generating `context`
     tokens fits this machine, from the config and the index alone; see `memory.assess`.
-    `draft` (default: when the MTP blocks load) adds their KV caches."""
+    `draft` (default: when the MTP blocks load) adds their KV caches. With a `group`, this
+    rank's share of the weights."""
     path = resolve_path(path)
     recipe = make_recipe(quantize, q_bits, q_group_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the checkpoint lacks or skips, load() says
         model, args, config, _, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    if group is not None and group.size() > 1:
+        plan = shard(model, plan, group)
     return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device)
 
 
@@ -150,6 +155,7 @@ def load(
     mtp: bool = True,
     context: int = CONTEXT,
     force: bool = False,
+    group: Optional[mx.distributed.Group] = None,
     expert_cache_gb: Optional[float] = None,
     expert_cache_policy: str = EXPERT_CACHE_POLICY,
 ) -> Tuple[Model, TokenizerWrapper]:
@@ -171,9 +177,18 @@ def load(
     are read on demand into per-layer slot pools of at most that many GB in all (see
     `expert_cache`; the output is the same as with every expert resident). A budget
     below one decoding step's working set is refused before anything is loaded.
+
+    With a `group` of N > 1 ranks (`mx.distributed.init()` under `mlx.launch`), the model is
+    tensor-parallel over it and each rank reads only its slice of the split weights (see
+    `mlx_step35.distributed`); every rank must then run the same generation calls.
     """
     path = resolve_path(path)
     cache_plan = None
+    if expert_cache_gb is not None and group is not None and group.size() > 1:
+        raise ValueError(
+            "expert_cache_gb and a distributed group cannot be combined yet: each rank "
+            "holds a slice of every expert, which the expert cache does not stream"
+        )
     if expert_cache_gb is not None:
         if expert_cache_policy not in POLICIES:
             raise ValueError(
@@ -182,16 +197,22 @@ def load(
         cache_plan = plan_expert_cache(path, expert_cache_gb, mtp=mtp)
     recipe = make_recipe(quantize, q_bits, q_group_size)
     model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    if group is not None and group.size() > 1:
+        plan = shard(model, plan, group)  # refuses an unsplittable model before reading
+    # (after sharding, the pre-flight counts this rank's weights)
     report = _assess(model, args, config, plan, recipe, dtype, context, None, expert_cache_gb, None)
     if report.refuse and not force:
         raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
     if not report.ok:
         warnings.warn(report.text(), MemoryWarning, stacklevel=2)
     streamed = is_streamed(cache_plan) if cache_plan else None
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     weights = {}
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
         if name in weights:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
+        if name in shapes and tuple(arr.shape) != tuple(shapes[name]):
+            raise CheckpointError(f"{path}: {name} loads with shape {arr.shape}, expected {shapes[name]}")
         weights[name] = arr
     missing = plan.checkpoint_names([k for k in plan.missing(weights) if not (streamed and streamed(k))])
     if missing:

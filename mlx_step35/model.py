@@ -70,6 +70,7 @@ class MoE(nn.Module):
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
         self.layer = i
         self.on_route = None  # optional callback(layer, idx): expert tracing
+        self.sharding_group = None  # tensor parallel: each rank holds a slice of every expert
 
     def __call__(self, x: mx.array) -> mx.array:
         idx, weights = self.gate(x)  # [B, L, top_k]
@@ -77,7 +78,10 @@ class MoE(nn.Module):
             self.on_route(self.layer, idx)
         routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
         routed = (routed * weights[..., None]).sum(axis=-2)  # fp32 weights: sum in fp32
-        return routed.astype(x.dtype) + self.share_expert(x)
+        out = routed.astype(x.dtype) + self.share_expert(x)
+        if self.sharding_group is not None:  # one all-sum of the partial routed + shared outputs
+            out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
 
 
 class Attention(nn.Module):
