@@ -5,7 +5,7 @@ import warnings
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
-from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
+from mlx_step35.expert_cache import add_expert_cache_arguments
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
 from mlx_step35.weights import QuantRecipe
@@ -97,19 +97,7 @@ def main(argv=None):
         action="store_true",
         help="load even when the memory pre-flight says the model cannot fit in this machine's memory",
     )
-    p.add_argument(
-        "--expert-cache-gb",
-        type=float,
-        default=None,
-        help="keep the routed experts on disk and cache at most this many GB of them in memory "
-        "(quantized conversions; exact output; e.g. 40 on a 64 GB Mac)",
-    )
-    p.add_argument(
-        "--expert-cache-policy",
-        default=EXPERT_CACHE_POLICY,
-        choices=list(POLICIES),
-        help="eviction policy of the expert cache (default %(default)s)",
-    )
+    add_expert_cache_arguments(p)
     p.add_argument(
         "--trace-experts",
         default=None,

@@ -75,3 +75,34 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t
+
+
+def run_child(cmd, what: str, **popen) -> dict:
+    """Run a child process that prints a JSON object on its last line; returns that object
+    plus `peak_anon`, its peak anonymous memory (RssAnon) polled from /proc (Linux; 0 elsewhere)."""
+    import json
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    peak_anon = 0
+
+    def poll():
+        nonlocal peak_anon
+        while proc.poll() is None:
+            try:
+                fields = dict(line.split(":", 1) for line in open(f"/proc/{proc.pid}/status"))
+                peak_anon = max(peak_anon, int(fields["RssAnon"].split()[0]) * 1024)
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    stdout, stderr = proc.communicate()
+    thread.join()
+    if proc.returncode:
+        raise RuntimeError(f"{what}: exit {proc.returncode}\n{stderr}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_anon"] = peak_anon
+    return result

@@ -19,12 +19,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BUILD, ROOT, WIDE, interval, median  # noqa: E402
+from common import BUILD, ROOT, WIDE, interval, median, run_child  # noqa: E402
 
 MB = 1 << 20
 # 16 MoE layers of 64 experts x 512 x 512: ~1.7 GB bf16, ~0.5 GB at 4 bits
@@ -75,35 +73,7 @@ def conversion() -> Path:
 
 def run_once(arm: str, path: Path, checkout: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, arm, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=checkout,
-        env=env,
-    )
-    peak_anon = 0
-
-    def poll():
-        nonlocal peak_anon
-        while proc.poll() is None:
-            try:
-                fields = dict(line.split(":", 1) for line in open(f"/proc/{proc.pid}/status"))
-                peak_anon = max(peak_anon, int(fields["RssAnon"].split()[0]) * 1024)
-            except (OSError, KeyError, ValueError):
-                pass
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    stdout, stderr = proc.communicate()
-    thread.join()
-    if proc.returncode:
-        raise RuntimeError(f"{arm}: exit {proc.returncode}\n{stderr}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_anon"] = peak_anon
-    return result
+    return run_child([sys.executable, "-c", CHILD, arm, str(path)], arm, cwd=checkout, env=env)
 
 
 def main():

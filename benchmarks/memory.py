@@ -19,8 +19,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 BUILD = ROOT / "build" / "memory"
 MB = 1 << 20
 sys.path.insert(0, str(Path(__file__).parent))
-from common import WIDE  # noqa: E402
+from common import WIDE, run_child  # noqa: E402
 
 BASE = dict(WIDE, moe_intermediate_size=512, share_expert_dim=512)
 CHECKPOINTS = {  # name -> (overrides, input shards)
@@ -60,15 +58,6 @@ print(json.dumps(out))
 """
 
 
-def _status(pid):
-    """(VmRSS, RssAnon) in bytes, or None once the process is gone."""
-    try:
-        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-        return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon"))
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def measure(mode, src="", dst="", shard=0, repeats=3) -> dict:
     """The median run of `repeats` (by peak RSS) with the range of all; dst keeps the last output."""
     runs = sorted((_measure_once(mode, src, dst, shard) for _ in range(repeats)), key=lambda r: r["maxrss"])
@@ -80,32 +69,9 @@ def measure(mode, src="", dst="", shard=0, repeats=3) -> dict:
 def _measure_once(mode, src, dst, shard) -> dict:
     if dst:
         shutil.rmtree(dst, ignore_errors=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, mode, str(src), str(dst), str(shard)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+    return run_child(
+        [sys.executable, "-c", CHILD, mode, str(src), str(dst), str(shard)], f"{mode} {src}", cwd=ROOT
     )
-    peak_anon = 0
-
-    def poll():
-        nonlocal peak_anon
-        while proc.poll() is None:
-            s = _status(proc.pid)
-            if s:
-                peak_anon = max(peak_anon, s[1])
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    stdout, stderr = proc.communicate()
-    thread.join()
-    if proc.returncode:
-        raise RuntimeError(f"{mode} {src}: exit {proc.returncode}\n{stderr}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_anon"] = peak_anon
-    return result
 
 
 def checkpoint(name) -> Path:

@@ -457,3 +457,20 @@ def is_streamed(plan: ExpertCachePlan):
     """Predicate on parameter names: True for the tensors the cache reads on demand."""
     prefixes = tuple(f"model.layers.{i}.mlp.switch_mlp." for i in plan.layers)
     return lambda name: name.startswith(prefixes)
+
+
+def add_expert_cache_arguments(parser):
+    """--expert-cache-gb and --expert-cache-policy, as generate.py and the server take them."""
+    parser.add_argument(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="keep the routed experts on disk and cache at most this many GB of them in memory "
+        "(quantized conversions; exact output; e.g. 40 on a 64 GB Mac)",
+    )
+    parser.add_argument(
+        "--expert-cache-policy",
+        default=EXPERT_CACHE_POLICY,
+        choices=list(POLICIES),
+        help="eviction policy of the expert cache (default %(default)s)",
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cli import ArgumentParser, user_errors
-from ..expert_cache import EXPERT_CACHE_POLICY, POLICIES
+from ..expert_cache import add_expert_cache_arguments
 from ..generation import MAX_DRAFT, NUM_DRAFT
 from ..prompt_cache import PromptCacheStore, default_store_gb
 from ..sampling import Sampler
@@ -58,19 +58,7 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit, 413 above it"
     )
-    p.add_argument(
-        "--expert-cache-gb",
-        type=float,
-        default=None,
-        help="keep the routed experts on disk and cache at most this many GB of them in memory "
-        "(quantized conversions; exact output; as generate.py)",
-    )
-    p.add_argument(
-        "--expert-cache-policy",
-        default=EXPERT_CACHE_POLICY,
-        choices=list(POLICIES),
-        help="eviction policy of the expert cache (default %(default)s)",
-    )
+    add_expert_cache_arguments(p)
     p.add_argument(
         "--prompt-cache-gb",
         type=float,
