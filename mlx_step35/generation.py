@@ -125,6 +125,15 @@ def _prefill(model, tokens, cache, drafter, step):
     return h
 
 
+def plain_step(model, y, cache, sampler, processors=None, hist=None):
+    """The graph of one plain decoding step on token y [1] (hist: the tokens before y and y,
+    for the processors): (next token [1] uint32 as samplers give it, its logprobs [V], hidden
+    states [1, 1, H])."""
+    h = model.hidden(y[None], cache)
+    lp = process(model.logits(h)[:, -1], hist, processors)
+    return sampler(lp), lp.squeeze(0), h  # squeeze: a view, where lp[0] is a gather
+
+
 def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, policy=None, stats=None):
     """Plain decoding of up to `count` tokens after tokens[-1] (verified, not yet through
     the trunk), pipelined: the next step's graph is built while this one computes.
@@ -132,17 +141,15 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     and is asked for the next depth; it is asked before the next pass is queued, from the
     tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
     depth that ended the run, or None when `count` tokens are out."""
-    hist = mx.array(tokens[:-1], dtype=mx.int32)
+    hist = mx.array(tokens[:-1], dtype=mx.uint32)  # the samplers' dtype: no casts per step
 
     def step(y):
         nonlocal hist
-        h = model.hidden(y[None], cache)
         if processors:
             hist = mx.concatenate([hist, y])
-        lp = process(model.logits(h)[:, -1], hist, processors)
-        return sampler(lp).astype(mx.int32), lp[0], h
+        return plain_step(model, y, cache, sampler, processors, hist)
 
-    nxt = step(mx.array(tokens[-1:], dtype=mx.int32))
+    nxt = step(mx.array(tokens[-1:], dtype=mx.uint32))
     mx.async_eval(nxt)
     since = last = time.perf_counter()
     timed = 0  # tokens out since `since`
@@ -171,6 +178,21 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
             return choice
 
 
+def verify_step(model, tokens, drafts, cache, processors=None):
+    """The graph of one trunk pass over [tokens[-1], d_1..d_n]: (hidden states [1, n+1, H],
+    logprobs [n+1, V] of the token after each)."""
+    inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
+    h = model.hidden(inp[None], cache)
+    logits = model.logits(h).squeeze(0)
+    if not processors:
+        return h, process(logits, None, None)
+    hist = mx.array(tokens, dtype=mx.int32)
+    rows = [
+        process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors) for i in range(len(inp))
+    ]
+    return h, mx.concatenate(rows)
+
+
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
     """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
     and verification form one lazy graph, evaluated once when the step is decided."""
@@ -193,20 +215,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
         drafts, dists = (
             drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
         )
-        inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
-        h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
-        logits = model.logits(h)[0]
-        if processors:
-            hist = mx.array(tokens, dtype=mx.int32)
-            lp = mx.concatenate(
-                [
-                    process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors)
-                    for i in range(n + 1)
-                ]
-            )
-        else:
-            lp = logits.astype(mx.float32)
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        h, lp = verify_step(model, tokens, drafts, cache, processors)
         n_acc, nxt = accept(drafts, dists, lp, sampler)
         rewind(cache, n - n_acc)
         drafter.add_trunk(h[:, : n_acc + 1])
