@@ -5,15 +5,17 @@ mlx-lm) and the checkpoint's own names inside the MTP blocks. Norm weights hold 
 effective scale (1 + w of the zero-centred checkpoint); the loader does that once.
 """
 
+from functools import lru_cache
 from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
-from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from .cache import FullKVCache, SlidingKVCache
 from .config import ModelArgs
@@ -33,14 +35,50 @@ class MLP(nn.Module):
         return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
 
 
+# The MoE in few kernels. Routing weight of expert e: w_e = scale * sigmoid(g_e) / S with
+# S = sum of sigmoid(g) over the chosen experts (S = 1 without norm_expert_weight). The
+# router hands over the chosen experts' raw gate logits; scale * sigmoid(g_e) rides in the
+# activation's fused kernel (the down projection is linear), and the sum over experts, the
+# division by S, the shared expert and the residual add form one more fused kernel.
+
+
 @mx.compile
-def _route(logits, bias, top_k: int, scale: float, normalize: bool):
-    scores = mx.sigmoid(logits.astype(mx.float32))  # [B, L, E]
-    idx = mx.argpartition(-(scores + bias), kth=top_k - 1, axis=-1)[..., :top_k]  # [B, L, top_k]
-    weights = mx.take_along_axis(scores, idx, axis=-1)  # unbiased scores of the chosen experts
+def _route(logits, bias, top_k: int):
+    """Top-k experts by biased sigmoid score (fp32): indices and their raw logits, [B, L, top_k]."""
+    idx = mx.argpartition(-(mx.sigmoid(logits.astype(mx.float32)) + bias), kth=top_k - 1, axis=-1)
+    idx = idx[..., :top_k]
+    return idx, mx.take_along_axis(logits, idx, axis=-1)
+
+
+def _weight(chosen, shape):
+    """sigmoid of the chosen logits [...] in fp32, broadcast to `shape` first: MLX fuses only
+    elementwise ops of one output shape."""
+    return mx.sigmoid(mx.broadcast_to(chosen, shape).astype(mx.float32))
+
+
+@mx.compile  # not shapeless: the broadcasts have fixed shapes
+def _weighted_swiglu(up, gate, chosen, scale: float, limit: float):
+    """The experts' SwiGLU (clamped when limit > 0) times scale * sigmoid(chosen logit).
+    up, gate: [..., top_k, 1, I]; chosen: [..., top_k]."""
+    act = clamped_swiglu(up, gate, limit) if limit > 0 else swiglu(gate, up)
+    return (act * (_weight(chosen[..., None, None], act.shape) * scale)).astype(up.dtype)
+
+
+@mx.compile
+def _combine(experts, chosen, shared, residual, normalize: bool):
+    """[residual +] (sum of the weighted experts [..., top_k, H] in fp32, / S, rounded to the
+    model's dtype) + shared: one fused kernel of adds over views."""
+    top_k = experts.shape[-2]
+    routed = experts[..., 0, :].astype(mx.float32)
+    for k in range(1, top_k):
+        routed = routed + experts[..., k, :]
     if normalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    return idx, weights * scale
+        total = _weight(chosen[..., 0:1], shared.shape)
+        for k in range(1, top_k):
+            total = total + _weight(chosen[..., k : k + 1], shared.shape)
+        routed = routed / total
+    out = routed.astype(shared.dtype) + shared
+    return out if residual is None else residual + out
 
 
 class MoEGate(nn.Module):
@@ -53,27 +91,80 @@ class MoEGate(nn.Module):
         self.router_bias = mx.zeros((args.moe_num_experts,), dtype=mx.float32)
 
     def __call__(self, x: mx.array):
-        return _route(self.gate(x), self.router_bias, self.top_k, self.scale, self.normalize)
+        """(indices of the chosen experts, their raw gate logits), [B, L, top_k]."""
+        return _route(self.gate(x), self.router_bias, self.top_k)
+
+
+class WeightedSwitchGLU(SwitchGLU):
+    """mlx-lm's SwitchGLU (same parameters) whose outputs are scaled by scale * sigmoid(the
+    chosen experts' gate logits): [B, L, top_k, H]. For a few tokens (decoding, verifying)
+    the scaling rides in the activation's fused kernel and the gathered matmuls get their
+    row indices as constants; many tokens take mlx-lm's expert-sorted path."""
+
+    def __init__(self, args: ModelArgs, limit: float, scale: float):
+        act = ClampedSwiGLU(limit) if limit > 0 else SwiGLU()
+        super().__init__(args.hidden_size, args.moe_intermediate_size, args.moe_num_experts, activation=act)
+        self.limit, self.scale = limit, scale
+
+    def __call__(self, x: mx.array, idx: mx.array, chosen: mx.array) -> mx.array:
+        if idx.size >= 64:  # SwitchGLU sorts by expert
+            return super().__call__(x, idx) * (mx.sigmoid(chosen.astype(mx.float32)) * self.scale)[..., None]
+        token_rows, rows = _gather_rows(*idx.shape)
+        x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
+        up = _switch_linear(self.up_proj, x, token_rows, idx)  # [B, L, K, 1, I]
+        gate = _switch_linear(self.gate_proj, x, token_rows, idx)
+        act = _weighted_swiglu(up, gate, chosen, self.scale, self.limit)
+        return _switch_linear(self.down_proj, act, rows, idx).squeeze(-2)
+
+
+@lru_cache(maxsize=32)
+def _gather_rows(B: int, L: int, K: int):
+    """Row indices for the experts' gathered matmuls, [B, L, K]: the token's row of x, and
+    each (token, expert) pair's own row; built once per shape, on the host."""
+    rows = np.arange(B * L * K, dtype=np.uint32).reshape(B, L, K)
+    return mx.array(rows // K), mx.array(rows)
+
+
+def _switch_linear(layer, x, rows, idx):
+    """One of SwitchGLU's projections with explicit row indices (without them, gather_qmm
+    builds an arange: one more kernel per call)."""
+    if "bias" in layer:
+        return layer(x, idx)
+    if isinstance(layer, QuantizedSwitchLinear):
+        return mx.gather_qmm(
+            x,
+            layer["weight"],
+            layer["scales"],
+            layer.get("biases"),
+            lhs_indices=rows,
+            rhs_indices=idx,
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+            global_scale=getattr(layer, "global_scale", None),
+        )
+    return mx.gather_mm(x, layer["weight"].swapaxes(-1, -2), lhs_indices=rows, rhs_indices=idx)
 
 
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
-        limit = args.swiglu_limit(i, shared=False)
         self.gate = MoEGate(args)
-        self.switch_mlp = SwitchGLU(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.moe_num_experts,
-            activation=ClampedSwiGLU(limit) if limit > 0 else SwiGLU(),
-        )
+        self.switch_mlp = WeightedSwitchGLU(args, args.swiglu_limit(i, shared=False), self.gate.scale)
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        idx, weights = self.gate(x)  # [B, L, top_k]
-        routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
-        routed = (routed * weights[..., None]).sum(axis=-2)  # fp32 weights: sum in fp32
-        return routed.astype(x.dtype) + self.share_expert(x)
+    def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """The routed experts plus the shared one, plus `residual` when given (fused with the sums)."""
+        idx, chosen = self.gate(x)
+        experts = self.switch_mlp(x, idx, chosen)  # [B, L, top_k, H]
+        return _combine(experts, chosen, self.share_expert(x), residual, self.gate.normalize)
+
+
+@mx.compile
+def _head_gate(out, g):
+    """out [B, L, heads, head_dim] times sigmoid(g [B, L, heads]) per head, in one kernel."""
+    return out * mx.sigmoid(mx.broadcast_to(g[..., None], out.shape))
 
 
 class Attention(nn.Module):
@@ -113,7 +204,7 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
         if self.use_gate:
-            out = out * mx.sigmoid(self.g_proj(x))[..., None]
+            out = _head_gate(out, self.g_proj(x))
         return self.o_proj(out.reshape(B, L, -1))
 
 
@@ -132,6 +223,8 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if isinstance(self.mlp, MoE):
+            return self.mlp(self.post_attention_layernorm(h), residual=h)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
