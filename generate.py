@@ -3,6 +3,7 @@
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
 from mlx_step35.sampling import Sampler
 
@@ -71,33 +72,81 @@ def main(argv=None):
         help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
         "the stored dtype for conversions)",
     )
+    p.add_argument(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="keep the routed experts on disk and cache at most this many GB of them in memory "
+        "(quantized conversions; exact output; e.g. 40 on a 64 GB Mac)",
+    )
+    p.add_argument(
+        "--expert-cache-policy",
+        default=EXPERT_CACHE_POLICY,
+        choices=list(POLICIES),
+        help="eviction policy of the expert cache (default %(default)s)",
+    )
+    p.add_argument(
+        "--trace-experts",
+        default=None,
+        metavar="FILE",
+        help="record each pass's routed experts per MoE layer to FILE (npz) for benchmarks/expert_cache.py",
+    )
+    p.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="continue the conversation saved in this prompt cache (by --save-prompt-cache): "
+        "the prompt is the next user message, and the tokens the cache holds are not recomputed",
+    )
+    p.add_argument(
+        "--save-prompt-cache",
+        default=None,
+        metavar="FILE",
+        help="after generating, save the conversation's caches to FILE (may be the --prompt-cache-file)",
+    )
     p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
+        p.error("--expert-cache-gb must be positive")
     with user_errors(p.prog):
         run(a)
 
 
 def run(a):
+    import json
     import sys
 
     import mlx.core as mx
 
-    from mlx_step35 import load, make_logits_processors, make_sampler, stream_generate
+    from mlx_step35 import make_logits_processors, make_sampler, stream_generate
     from mlx_step35.generation import build_prompt, format_stats
+    from mlx_step35.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer = load(a.model, quantize=not a.no_quantize, dtype=a.dtype)
+    model, tokenizer, trace = load_model(a)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
-    prompt = build_prompt(tokenizer, text, system=a.system, chat_template=not a.ignore_chat_template)
+    pc, messages = None, []
+    if a.prompt_cache_file:
+        pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
+        messages = json.loads(meta.get("messages", "[]"))
+    elif a.save_prompt_cache:
+        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp)
+    templated = not a.ignore_chat_template and tokenizer.has_chat_template
+    prompt = build_prompt(tokenizer, text, system=a.system, chat_template=templated, history=messages)
+    branch = None  # where the next turn's re-rendered prompt leaves this one: after the user message
+    if pc is not None:  # the whole conversation: the cache reuses the prefix it shares
+        if templated:
+            kw = dict(system=a.system, history=messages, generation_prompt=False)
+            branch = min(len(build_prompt(tokenizer, text, **kw)), len(prompt) - 1)
+        prompt = pc.continuation(prompt if templated else pc.history + prompt)
     if a.verbose:
         print(tokenizer.decode(prompt), end="")
         print("\n" + "=" * 10)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.top_k)
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
-    last = None
+    last, reply = None, ""
     for last in stream_generate(
         model,
         tokenizer,
@@ -107,11 +156,52 @@ def run(a):
         logits_processors=procs,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        prompt_cache=pc,
+        checkpoints=[branch] if branch else (),
     ):
         print(last.text, end="", flush=True)
+        reply += last.text
     print("\n" + "=" * 10)
     if last is not None:
         print(format_stats(last))
+    report_experts(a, model, trace, last, prompt)
+    if a.save_prompt_cache:
+        if not messages and a.system:
+            messages.append({"role": "system", "content": a.system})
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        state = pc.at(branch) if branch in pc.checkpoints else pc  # raw text: it continues at the end
+        save_prompt_cache(a.save_prompt_cache, state, {"messages": json.dumps(messages)})
+        print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
+
+
+def load_model(a):
+    """load() with the CLI's flags; with --expert-cache-gb the pre-flight is printed first
+    (a budget too small is refused there, before anything loads)."""
+    from mlx_step35 import load
+    from mlx_step35.expert_cache import plan_expert_cache
+    from mlx_step35.expert_trace import trace_experts
+    from mlx_step35.loading import resolve_path
+
+    if a.expert_cache_gb is not None:
+        print(plan_expert_cache(resolve_path(a.model), a.expert_cache_gb).describe())
+    model, tokenizer = load(
+        a.model,
+        quantize=not a.no_quantize,
+        dtype=a.dtype,
+        expert_cache_gb=a.expert_cache_gb,
+        expert_cache_policy=a.expert_cache_policy,
+    )
+    return model, tokenizer, trace_experts(model) if a.trace_experts else None
+
+
+def report_experts(a, model, trace, last, prompt):
+    """The expert cache's counters, and the expert trace written to --trace-experts."""
+    if getattr(model, "expert_cache", None) is not None and last is not None:
+        print(model.expert_cache.summary(last.generation_tokens))
+    if trace is not None:
+        n = last.generation_tokens if last is not None else 0
+        trace.save(a.trace_experts, prompt_tokens=len(prompt), generated_tokens=n)
+        print(f"Expert trace: {a.trace_experts}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
     AutoDraft,
@@ -38,6 +39,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str] = None
     stats: SpecStats = field(default_factory=SpecStats)
+    cached_tokens: int = 0  # prompt tokens reused from a prompt cache
 
 
 def check_num_draft(num_draft):
@@ -57,6 +59,8 @@ def generate_step(
     num_draft: Union[int, str] = NUM_DRAFT,
     prefill_step_size: int = PREFILL_STEP,
     stats: Optional[SpecStats] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    checkpoints: Sequence[int] = (),
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
 
@@ -65,6 +69,11 @@ def generate_step(
     verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
     own next token (see `speculative.accept`): the output is exactly that of plain
     decoding (greedy) or distributed exactly like it (sampling).
+
+    With a `prompt_cache` (see `prompt_cache.make_prompt_cache`), `prompt` continues the
+    conversation it holds; only the tokens not cached yet run, and the cache is updated in
+    place. `checkpoints` are positions (in the whole conversation) where the prefill
+    snapshots the sliding state, so a later prompt that branches there reuses the prefix.
     """
     sampler = as_sampler(sampler)
     stats = stats if stats is not None else SpecStats()
@@ -84,44 +93,71 @@ def generate_step(
         else:
             policy = FixedDraft(min(num_draft, model.num_mtp))
     slack = (policy.max_depth if policy else 0) + 1  # tokens a verify step may rewind, plus one
-    cache = model.make_cache(slack=1 if isinstance(policy, AutoDraft) else slack)
-    drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
+    slack0 = 1 if isinstance(policy, AutoDraft) else slack
     tokens = [int(t) for t in prompt]
-    with mx.stream(generation_stream):
-        tic = time.perf_counter()
-        h = _prefill(model, tokens, cache, drafter, prefill_step_size)
-        logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
-        tok = int(sampler(logprobs).item())
-        tokens.append(tok)
-        if policy:
-            policy.observe_prefill(len(prompt), time.perf_counter() - tic)
-        yield tok, logprobs[0], False
-        if policy is None:
-            yield from _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1)
-            return
-        yield from _speculative(
-            model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
-        )
+    if prompt_cache is None:
+        cache = model.make_cache(slack=slack0)
+        drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
+        start, marks = 0, None
+    else:
+        if draft_mtp and prompt_cache.drafter is None:
+            raise ValueError(
+                "this prompt cache holds no MTP state (made with draft_mtp=False, or by generate.py "
+                "without --draft-mtp): continue it without drafting, or start it again with drafting"
+            )
+        tokens = prompt_cache.history + tokens
+        start = prompt_cache.reuse(tokens)
+        cache, drafter = prompt_cache.cache, prompt_cache.drafter  # a drafter is kept fed
+        grow_slack(cache, slack0)
+        marks = (sorted(set(checkpoints) | {len(tokens) - CHECKPOINT_BEFORE_END}), prompt_cache)
+    try:
+        with mx.stream(generation_stream):
+            tic = time.perf_counter()
+            h = _prefill(model, tokens, cache, drafter, prefill_step_size, start, marks)
+            logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
+            tok = int(sampler(logprobs).item())
+            tokens.append(tok)
+            if policy:
+                policy.observe_prefill(len(tokens) - 1 - start, time.perf_counter() - tic)
+            yield tok, logprobs[0], False
+            if policy is None:
+                yield from _plain_run(
+                    model, tokens, cache, sampler, logits_processors, max_tokens - 1, drafter
+                )
+                return
+            yield from _speculative(
+                model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
+            )
+    finally:
+        if prompt_cache is not None:
+            prompt_cache.finish(tokens)
 
 
 # One generation stream per thread, as mlx-lm: MLX streams belong to the thread that made them.
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
-def _prefill(model, tokens, cache, drafter, step):
-    """Run the prompt through the trunk in chunks; returns the last token's hidden states.
+def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
+    """Run tokens[start:] through the trunk in chunks; returns the last token's hidden states.
     Without a drafter only the KV caches of all but the last token are needed, so only
-    they are evaluated (as mlx-lm does); the MTP blocks need every position's hidden state."""
-    if drafter is None:
-        for s in range(0, len(tokens) - 1, step):
-            model.hidden(mx.array([tokens[s : min(s + step, len(tokens) - 1)]]), cache)
+    they are evaluated (as mlx-lm does); the MTP blocks need every position's hidden state.
+    `marks` = (positions, prompt_cache): chunks also end there, and the cache checkpoints."""
+    positions, pc = marks or ((), None)
+    end = len(tokens) - (drafter is None)
+    cuts = sorted({*range(start, end, step), *(p for p in positions if start < p < end)}) + [end]
+    for s, e in zip(cuts, cuts[1:]):
+        h = model.hidden(mx.array([tokens[s:e]]), cache)
+        if drafter is None:
             mx.eval([(c.keys, c.values) for c in cache])
-        return model.hidden(mx.array([tokens[-1:]]), cache)
-    for s in range(0, len(tokens), step):
-        h = model.hidden(mx.array([tokens[s : s + step]]), cache)
-        drafter.add_trunk(h)
-        drafter.commit(tokens)
-        mx.eval(h)
+        else:
+            drafter.add_trunk(h)
+            drafter.commit(tokens)
+            mx.eval(h)
+        if pc is not None and e in positions:
+            pc.tokens = tokens[:e]
+            pc.checkpoint()
+    if drafter is None:
+        h = model.hidden(mx.array([tokens[-1:]]), cache)
     return h
 
 
@@ -153,29 +189,36 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     mx.async_eval(nxt)
     since = last = time.perf_counter()
     timed = 0  # tokens out since `since`
-    for i in range(count):
-        y, lp, h = nxt
-        more = i + 1 < count
-        choice = None
-        if more and policy and timed >= policy.plain_check:
-            policy.update_plain(timed, last - since)
-            since, timed = last, 0
-            choice = policy.choose()
-            more = choice == 0
-        if more:
-            nxt = step(y)
-            mx.async_eval(nxt)
-        tok = int(y.item())
-        last = time.perf_counter()
-        timed += 1
-        tokens.append(tok)
-        if drafter:
-            drafter.add_trunk(h)
-        if stats:
-            stats.plain_tokens += 1
-        yield tok, lp, False
-        if not more:
-            return choice
+    queued = None  # hidden states of a pass queued for a token already out
+    try:
+        for i in range(count):
+            y, lp, h = nxt
+            more = i + 1 < count
+            choice = None
+            if more and policy and timed >= policy.plain_check:
+                policy.update_plain(timed, last - since)
+                since, timed = last, 0
+                choice = policy.choose()
+                more = choice == 0
+            if more:
+                nxt = step(y)
+                mx.async_eval(nxt)
+            tok = int(y.item())
+            last = time.perf_counter()
+            timed += 1
+            tokens.append(tok)
+            if drafter:
+                drafter.add_trunk(h)
+            if stats:
+                stats.plain_tokens += 1
+            queued = nxt[2] if more else None
+            yield tok, lp, False
+            queued = None
+            if not more:
+                return choice
+    finally:  # closed early: the caches hold the queued pass, so the drafter gets its row
+        if drafter and queued is not None:
+            drafter.add_trunk(queued)
 
 
 def verify_step(model, tokens, drafts, cache, processors=None):
@@ -248,10 +291,13 @@ def stream_generate(
     num_draft: Union[int, str] = NUM_DRAFT,
     prefill_step_size: int = PREFILL_STEP,
     stop_strings: Sequence[str] = (),
+    prompt_cache: Optional[PromptCache] = None,
+    checkpoints: Sequence[int] = (),
 ) -> Generator[GenerationResponse, None, None]:
     """Stream GenerationResponse objects like mlx_lm.stream_generate; `prompt` is a
     string (tokenized as is: apply a chat template first if you want one) or token ids.
-    Stops at max_tokens, at any EOS id of the tokenizer, or after a stop string."""
+    Stops at max_tokens, at any EOS id of the tokenizer, or after a stop string.
+    With a `prompt_cache`, `prompt` continues its conversation (see `generate_step`)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     detok = tokenizer.detokenizer
     detok.reset()
@@ -270,6 +316,8 @@ def stream_generate(
         num_draft=num_draft,
         prefill_step_size=prefill_step_size,
         stats=stats,
+        prompt_cache=prompt_cache,
+        checkpoints=checkpoints,
     )
     n = 0
     for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):
@@ -301,6 +349,7 @@ def stream_generate(
             peak_memory=_peak_gb(),
             finish_reason=finish,
             stats=stats,
+            cached_tokens=prompt_cache.cached_tokens if prompt_cache is not None else 0,
         )
         if finish:
             gen.close()
@@ -332,7 +381,9 @@ def generate(
 
 def format_stats(r: GenerationResponse) -> str:
     lines = [
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+        f"Prompt: {r.prompt_tokens} tokens"
+        + (f" (after {r.cached_tokens} reused from the prompt cache)" if r.cached_tokens else "")
+        + f", {r.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
     ]
     s = r.stats
@@ -356,13 +407,21 @@ def format_stats(r: GenerationResponse) -> str:
 
 
 def build_prompt(
-    tokenizer, prompt: str, *, system: Optional[str] = None, chat_template: bool = True
+    tokenizer,
+    prompt: str,
+    *,
+    system: Optional[str] = None,
+    chat_template: bool = True,
+    history: Sequence[dict] = (),
+    generation_prompt: bool = True,
 ) -> List[int]:
-    """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate does)."""
+    """Token ids for `prompt`, wrapped in the tokenizer's chat template (as mlx_lm.generate
+    does) after the `history` messages of the conversation so far."""
     if chat_template and getattr(tokenizer, "has_chat_template", False):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = list(history) or ([{"role": "system", "content": system}] if system else [])
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

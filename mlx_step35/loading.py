@@ -10,6 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
+from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -91,6 +92,8 @@ def load(
     q_group_size: int = 64,
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
+    expert_cache_gb: Optional[float] = None,
+    expert_cache_policy: str = EXPERT_CACHE_POLICY,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a Step-3.5/3.7-Flash model and its tokenizer.
 
@@ -100,21 +103,36 @@ def load(
     (`quantize=False` keeps `dtype`, default bfloat16). A conversion loads as it was
     converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
+
+    With `expert_cache_gb`, the routed experts of a quantized conversion stay on disk and
+    are read on demand into per-layer slot pools of at most that many GB in all (see
+    `expert_cache`; the output is the same as with every expert resident). A budget
+    below one decoding step's working set is refused before anything is loaded.
     """
     path = resolve_path(path)
+    cache_plan = None
+    if expert_cache_gb is not None:
+        if expert_cache_policy not in POLICIES:
+            raise ValueError(
+                f"expert_cache_policy {expert_cache_policy!r}: choose one of {', '.join(POLICIES)}"
+            )
+        cache_plan = plan_expert_cache(path, expert_cache_gb, mtp=mtp)
     model, args, _, keys, plan = build(
         path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
     )
+    streamed = is_streamed(cache_plan) if cache_plan else None
     seen = set()
-    for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp):
+    for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
         if name in seen:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
         seen.add(name)
         model.update(tree_unflatten([(name, arr)]), strict=False)
-    missing = plan.checkpoint_names(plan.missing(seen))
+    missing = plan.checkpoint_names([k for k in plan.missing(seen) if not (streamed and streamed(k))])
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    if cache_plan:
+        attach_expert_cache(model, cache_plan, dtype=parse_dtype(dtype), policy=expert_cache_policy)
     model.eval()
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.

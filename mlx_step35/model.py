@@ -101,9 +101,9 @@ class WeightedSwitchGLU(SwitchGLU):
     the scaling rides in the activation's fused kernel and the gathered matmuls get their
     row indices as constants; many tokens take mlx-lm's expert-sorted path."""
 
-    def __init__(self, args: ModelArgs, limit: float, scale: float):
+    def __init__(self, dims: int, hidden: int, num_experts: int, limit: float, scale: float):
         act = ClampedSwiGLU(limit) if limit > 0 else SwiGLU()
-        super().__init__(args.hidden_size, args.moe_intermediate_size, args.moe_num_experts, activation=act)
+        super().__init__(dims, hidden, num_experts, activation=act)
         self.limit, self.scale = limit, scale
 
     def __call__(self, x: mx.array, idx: mx.array, chosen: mx.array) -> mx.array:
@@ -151,13 +151,23 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
         self.gate = MoEGate(args)
-        self.switch_mlp = WeightedSwitchGLU(args, args.swiglu_limit(i, shared=False), self.gate.scale)
+        self.switch_mlp = WeightedSwitchGLU(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.moe_num_experts,
+            args.swiglu_limit(i, shared=False),
+            self.gate.scale,
+        )
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
+        self.layer = i
+        self.on_route = None  # optional callback(layer, idx): expert tracing
 
     def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
         """The routed experts plus the shared one, plus `residual` when given (fused with the sums)."""
         idx, chosen = self.gate(x)
-        experts = self.switch_mlp(x, idx, chosen)  # [B, L, top_k, H]
+        if self.on_route is not None:
+            self.on_route(self.layer, idx)
+        experts = self.switch_mlp(x, idx, chosen)  # [B, L, top_k, H], weighted
         return _combine(experts, chosen, self.share_expert(x), residual, self.gate.normalize)
 
 

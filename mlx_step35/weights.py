@@ -234,10 +234,17 @@ class WeightPlan:
 
 
 def stream(
-    plan: WeightPlan, path: Path, keys: Dict[str, Path], skip_mtp: bool = False, only=None, on_tensor=None
+    plan: WeightPlan,
+    path: Path,
+    keys: Dict[str, Path],
+    skip_mtp: bool = False,
+    only=None,
+    on_tensor=None,
+    skip=None,
 ) -> Iterator[Tuple[str, mx.array]]:
     """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses;
-    `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars)."""
+    `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars); tensors whose
+    internal key satisfies `skip` are not read (experts streamed by the expert cache)."""
     wanted = None if only is None else {str(f) for f in only}
     for reader in iter_shards(path):
         if wanted is not None and str(reader.path) not in wanted:
@@ -245,6 +252,8 @@ def stream(
         for key in reader.keys():
             internal = to_internal(key, plan.args, plan.nested)
             if internal is not None and skip_mtp and internal.startswith("mtp."):
+                continue
+            if internal is not None and skip is not None and skip(internal):
                 continue
             for name, arr in plan.tensors(reader, key):
                 mx.eval(arr)

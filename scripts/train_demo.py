@@ -130,7 +130,9 @@ def encode_stream(tok, docs):
 
 def write_tokenizer_files(tok, out_dir, eos_ids, max_len):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    # A base model trained on plain code: no chat template, so prompts are fed as they are.
+    # A base model trained on plain code; it still gets Step-3.5's chat template, so that the
+    # chat path (server, generate.py without --ignore-chat-template) runs end to end on it.
+    template_path = os.path.join(os.path.dirname(__file__), "..", "mlx_step35", "chat_template.jinja")
     added = {
         str(i): {
             "content": s,
@@ -153,6 +155,7 @@ def write_tokenizer_files(tok, out_dir, eos_ids, max_len):
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": added,
+        "chat_template": open(template_path, encoding="utf-8").read(),
     }
     json.dump(tcfg, open(os.path.join(out_dir, "tokenizer_config.json"), "w"), indent=2)
     stm = {

@@ -288,7 +288,11 @@ def tokenizer_json(vocab_size: int) -> str:
     return _TOKENIZER_CACHE[vocab_size]
 
 
-def write_tokenizer(path: Path, vocab_size: int) -> None:
+def write_tokenizer(path: Path, vocab_size: int, chat_template: bool = False) -> None:
+    """tokenizer.json and its config files; chat_template=True: Step-3.5's chat template
+    (mlx_step35.chat_format.STEP35_CHAT_TEMPLATE) instead of a bare ChatML one."""
+    from mlx_step35.chat_format import STEP35_CHAT_TEMPLATE
+
     eos = [1, 2, vocab_size - 1]
     (path / "tokenizer.json").write_text(tokenizer_json(vocab_size))
     tok_cfg = {
@@ -300,7 +304,7 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
         "model_max_length": 262144,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": STEP35_CHAT_TEMPLATE if chat_template else CHAT_TEMPLATE,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     special = {"bos_token": "<s>", "eos_token": IM_END, "pad_token": "<|endoftext|>"}
@@ -322,6 +326,7 @@ def make_checkpoint(
     num_shards: int = 3,
     dtype: str = "bfloat16",
     text_prefix: str | None = None,
+    chat_template: bool = False,
     **overrides,
 ) -> Path:
     """Write a tiny random checkpoint into directory `path` and return it as a Path.
@@ -332,6 +337,7 @@ def make_checkpoint(
     `overrides` replace text-config fields; all shapes follow them. `text_prefix` overrides the
     step3p7 text-weight prefix: "model." is the layout HF's conversion_mapping expects of the hub
     Step-3.7 files (it renames model.layers.* -> model.language_model.layers.* when loading).
+    `chat_template=True` gives the tokenizer Step-3.5's chat template (see `write_tokenizer`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -351,5 +357,5 @@ def make_checkpoint(
     plan = _shard_plan(list(tensors), tcfg["num_hidden_layers"], num_shards)
     _save_shards(tensors, plan, path, dtype)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_tokenizer(path, tcfg["vocab_size"])
+    write_tokenizer(path, tcfg["vocab_size"], chat_template=chat_template)
     return path
