@@ -21,10 +21,9 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from .config import load_config, parse_config
-from .model import WeightedSwitchGLU
 from .safetensors_io import DTYPES, CheckpointError, ShardReader
 from .weights import checkpoint_keys, has_mtp_weights, to_internal
 
@@ -368,13 +367,12 @@ class ExpertCache:
         self.reader.close()
 
 
-class CachedSwitchGLU(WeightedSwitchGLU):
-    """The model's quantized WeightedSwitchGLU over a pool of `slots` experts, filled on demand:
-    called like the resident one, (x, expert ids [.., top_k], their gate logits) -> [.., top_k, H],
-    with the same result."""
+class CachedSwitchGLU(SwitchGLU):
+    """mlx-lm's quantized SwitchGLU over a pool of `slots` experts, filled on demand: called
+    like the resident one, (x, expert ids [.., top_k]) -> [.., top_k, H], with the same result."""
 
-    def __init__(self, base: WeightedSwitchGLU, layer: int, cache: ExpertCache, dtype: Optional[mx.Dtype]):
-        super().__init__(1, 1, 1, base.limit, base.scale)  # shapes replaced below
+    def __init__(self, base: SwitchGLU, layer: int, cache: ExpertCache, dtype: Optional[mx.Dtype]):
+        super().__init__(1, 1, 1, activation=base.activation)  # shapes replaced below
         plan = cache.plan
         self.layer = layer
         self.cache = cache
@@ -421,12 +419,12 @@ class CachedSwitchGLU(WeightedSwitchGLU):
                 raise
         return self.table.slot_of
 
-    def __call__(self, x: mx.array, indices: mx.array, chosen: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         ids = np.array(indices)  # [B, L, top_k]: the routing must be known to fetch experts
         groups = self.table.groups(np.unique(ids))
         if len(groups) == 1:
             slots = self._fetch(groups[0])[ids]
-            out = super().__call__(x, mx.array(slots.astype(np.uint32)), chosen)
+            out = super().__call__(x, mx.array(slots.astype(np.uint32)))
             mx.eval(out)  # nothing lazy may read the pool once a later fetch can overwrite it
             return out
         # More experts than slots: one pass per group that fits; each (token, k) row is
@@ -436,7 +434,7 @@ class CachedSwitchGLU(WeightedSwitchGLU):
         for g in groups:
             inside = np.isin(ids, g)
             slots = np.where(inside, self._fetch(g)[ids], 0).astype(np.uint32)
-            y = super().__call__(x, mx.array(slots), chosen)
+            y = super().__call__(x, mx.array(slots))
             out = y if out is None else mx.where(mx.array(inside)[..., None], y, out)
             mx.eval(out)  # done with these slots before the next group overwrites them
         return out

@@ -37,9 +37,9 @@ class MLP(nn.Module):
 
 # The MoE in few kernels. Routing weight of expert e: w_e = scale * sigmoid(g_e) / S with
 # S = sum of sigmoid(g) over the chosen experts (S = 1 without norm_expert_weight). The
-# router hands over the chosen experts' raw gate logits; scale * sigmoid(g_e) rides in the
-# activation's fused kernel (the down projection is linear), and the sum over experts, the
-# division by S, the shared expert and the residual add form one more fused kernel.
+# router hands over the chosen experts' raw gate logits; the weights, their sum, the weighted
+# sum over experts, the shared expert and the residual add form one fused kernel, in mlx-lm's
+# order of operations and dtypes.
 
 
 @mx.compile
@@ -50,33 +50,25 @@ def _route(logits, bias, top_k: int):
     return idx, mx.take_along_axis(logits, idx, axis=-1)
 
 
-def _weight(chosen, shape):
-    """sigmoid of the chosen logits [...] in fp32, broadcast to `shape` first: MLX fuses only
-    elementwise ops of one output shape."""
-    return mx.sigmoid(mx.broadcast_to(chosen, shape).astype(mx.float32))
-
-
-@mx.compile  # not shapeless: the broadcasts have fixed shapes
-def _weighted_swiglu(up, gate, chosen, scale: float, limit: float):
-    """The experts' SwiGLU (clamped when limit > 0) times scale * sigmoid(chosen logit).
-    up, gate: [..., top_k, 1, I]; chosen: [..., top_k]."""
-    act = clamped_swiglu(up, gate, limit) if limit > 0 else swiglu(gate, up)
-    return (act * (_weight(chosen[..., None, None], act.shape) * scale)).astype(up.dtype)
-
-
 @mx.compile
-def _combine(experts, chosen, shared, residual, normalize: bool):
-    """[residual +] (sum of the weighted experts [..., top_k, H] in fp32, / S, rounded to the
-    model's dtype) + shared: one fused kernel of adds over views."""
+def _combine(experts, chosen, shared, residual, scale: float, normalize: bool):
+    """[residual +] (sum over k of experts[..., k, :] * w_k in fp32, rounded to the model's
+    dtype) + shared, with experts [B, L, top_k, H] and chosen [B, L, top_k]: one fused kernel
+    of elementwise ops over views (every operand broadcast to [B, L, H] first: MLX fuses only
+    elementwise ops of one output shape)."""
     top_k = experts.shape[-2]
-    routed = experts[..., 0, :].astype(mx.float32)
-    for k in range(1, top_k):
-        routed = routed + experts[..., k, :]
+    w = [
+        mx.sigmoid(mx.broadcast_to(chosen[..., k : k + 1], shared.shape).astype(mx.float32))
+        for k in range(top_k)
+    ]
     if normalize:
-        total = _weight(chosen[..., 0:1], shared.shape)
+        total = w[0]
         for k in range(1, top_k):
-            total = total + _weight(chosen[..., k : k + 1], shared.shape)
-        routed = routed / total
+            total = total + w[k]
+        w = [x / total for x in w]
+    routed = experts[..., 0, :] * (w[0] * scale)
+    for k in range(1, top_k):
+        routed = routed + experts[..., k, :] * (w[k] * scale)
     out = routed.astype(shared.dtype) + shared
     return out if residual is None else residual + out
 
@@ -95,26 +87,20 @@ class MoEGate(nn.Module):
         return _route(self.gate(x), self.router_bias, self.top_k)
 
 
-class WeightedSwitchGLU(SwitchGLU):
-    """mlx-lm's SwitchGLU (same parameters) whose outputs are scaled by scale * sigmoid(the
-    chosen experts' gate logits): [B, L, top_k, H]. For a few tokens (decoding, verifying)
-    the scaling rides in the activation's fused kernel and the gathered matmuls get their
-    row indices as constants; many tokens take mlx-lm's expert-sorted path."""
+class DecodeSwitchGLU(SwitchGLU):
+    """mlx-lm's SwitchGLU (same parameters, same results) whose few-token calls (decoding,
+    verifying) give the gathered matmuls their row indices as constants: without them each
+    gather_qmm builds an arange, one more kernel per call. Many tokens take mlx-lm's
+    expert-sorted path."""
 
-    def __init__(self, dims: int, hidden: int, num_experts: int, limit: float, scale: float):
-        act = ClampedSwiGLU(limit) if limit > 0 else SwiGLU()
-        super().__init__(dims, hidden, num_experts, activation=act)
-        self.limit, self.scale = limit, scale
-
-    def __call__(self, x: mx.array, idx: mx.array, chosen: mx.array) -> mx.array:
-        if idx.size >= 64:  # SwitchGLU sorts by expert
-            return super().__call__(x, idx) * (mx.sigmoid(chosen.astype(mx.float32)) * self.scale)[..., None]
+    def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
+        if idx.size >= 64:
+            return super().__call__(x, idx)
         token_rows, rows = _gather_rows(*idx.shape)
         x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
         up = _switch_linear(self.up_proj, x, token_rows, idx)  # [B, L, K, 1, I]
         gate = _switch_linear(self.gate_proj, x, token_rows, idx)
-        act = _weighted_swiglu(up, gate, chosen, self.scale, self.limit)
-        return _switch_linear(self.down_proj, act, rows, idx).squeeze(-2)
+        return _switch_linear(self.down_proj, self.activation(up, gate), rows, idx).squeeze(-2)
 
 
 @lru_cache(maxsize=32)
@@ -151,12 +137,12 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
         self.gate = MoEGate(args)
-        self.switch_mlp = WeightedSwitchGLU(
+        limit = args.swiglu_limit(i, shared=False)
+        self.switch_mlp = DecodeSwitchGLU(
             args.hidden_size,
             args.moe_intermediate_size,
             args.moe_num_experts,
-            args.swiglu_limit(i, shared=False),
-            self.gate.scale,
+            activation=ClampedSwiGLU(limit) if limit > 0 else SwiGLU(),
         )
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
         self.layer = i
@@ -167,8 +153,8 @@ class MoE(nn.Module):
         idx, chosen = self.gate(x)
         if self.on_route is not None:
             self.on_route(self.layer, idx)
-        experts = self.switch_mlp(x, idx, chosen)  # [B, L, top_k, H], weighted
-        return _combine(experts, chosen, self.share_expert(x), residual, self.gate.normalize)
+        experts = self.switch_mlp(x, idx)  # [B, L, top_k, H]
+        return _combine(experts, chosen, self.share_expert(x), residual, self.gate.scale, self.gate.normalize)
 
 
 @mx.compile

@@ -1,6 +1,6 @@
-"""The few-token path of the trunk (decode and verify steps: fused MoE combine, routing weights
-applied before the experts' down projection, slice-updated sliding caches) computes the same
-float32 logits as stock mlx-lm step3p5, step by step on the same weights, up to float32 rounding.
+"""The few-token path of the trunk (decode and verify steps: the fused MoE combine, constant
+gather rows, the fused head gate, slice-updated sliding caches) computes the same float32 logits
+as stock mlx-lm step3p5, step by step on the same weights, up to float32 rounding.
 
 Bound: max |ours - mlx-lm| <= 2e-6 * (spread of mlx-lm's logits in that step). Reordering sums
 of float32 terms moves each by a few ulps (2^-23 = 1.2e-7 relative); the bound allows ~16 ulps of
@@ -56,10 +56,10 @@ def test_float32_steps_match_mlx_lm_to_rounding(pair, tokens):
 
 def test_bound_catches_a_wrong_routing_weight(pair, tokens, monkeypatch):
     """The bound is tight enough to see an error smaller than any real bug: a 1% change of
-    the routing scale in the fused path."""
+    one layer's routing scale in the fused combine."""
     ours, theirs = pair
     moe = next(layer.mlp for layer in ours.layers if hasattr(layer.mlp, "switch_mlp"))
-    monkeypatch.setattr(moe.switch_mlp, "scale", moe.switch_mlp.scale * 1.01)
+    monkeypatch.setattr(moe.gate, "scale", moe.gate.scale * 1.01)
     a = _steps(ours, ours.make_cache(slack=4), tokens, WIDTHS)
     b = _steps(theirs, theirs.make_cache(), tokens, WIDTHS)
     assert _max_rel_err(a[1:], b[1:]) > 100 * BOUND
