@@ -4,7 +4,7 @@ from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
 from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
-from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT
+from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
 
 DEFAULTS = dict(asdict(Sampler()), max_tokens=MAX_TOKENS)  # the package's defaults, defined there
@@ -14,8 +14,9 @@ def main(argv=None):
     p = ArgumentParser(
         prog="generate.py",
         description=__doc__ + " With --draft-mtp, each step drafts up to --num-draft tokens with "
-        "the chained MTP blocks and verifies them in one trunk pass: greedy output is identical "
-        "to plain decoding and sampled output has exactly the same distribution.",
+        "the chained MTP blocks and verifies them in one trunk pass: sampled output has exactly "
+        "plain decoding's distribution and greedy output is identical to it on the CPU (on Metal, "
+        "up to near-ties that the wider pass rounds differently).",
         epilog="Example: python generate.py --model ~/models/Step-3.5-Flash-4bit --draft-mtp "
         '--prompt "def fibonacci(n):"',
     )
@@ -63,6 +64,12 @@ def main(argv=None):
         "measured acceptance and step times",
     )
     p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=PREFILL_STEP,
+        help="prompt tokens per prefill chunk (default %(default)s)",
+    )
+    p.add_argument(
         "--no-quantize", action="store_true", help="HF checkpoints only: load in bfloat16 instead of 4-bit"
     )
     p.add_argument(
@@ -107,6 +114,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if a.prefill_step_size < 1:
+        p.error("--prefill-step-size must be at least 1")
     if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
         p.error("--expert-cache-gb must be positive")
     with user_errors(p.prog):
@@ -156,6 +165,7 @@ def run(a):
         logits_processors=procs,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        prefill_step_size=a.prefill_step_size,
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
     ):
@@ -188,6 +198,7 @@ def load_model(a):
         a.model,
         quantize=not a.no_quantize,
         dtype=a.dtype,
+        mtp=a.draft_mtp,  # the MTP blocks are loaded only to draft with
         expert_cache_gb=a.expert_cache_gb,
         expert_cache_policy=a.expert_cache_policy,
     )

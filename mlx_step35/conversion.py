@@ -197,7 +197,7 @@ def graft_mtp(
     """Add the MTP layers of HF checkpoint `src` to MLX conversion `target` (in place, atomically)."""
     target = resolve_path(target)
     tcfg = load_config(target)
-    targs = parse_config(tcfg)
+    targs = parse_config(tcfg, source=str(target / "config.json"))
     tkeys = checkpoint_keys(target)
     if any(to_internal(k, targs, False).startswith("mtp.") for k in tkeys if to_internal(k, targs, False)):
         raise ValueError(f"{target}: already has MTP weights; nothing to graft")

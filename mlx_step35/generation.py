@@ -1,6 +1,7 @@
 """Generation in three layers, as in mlx-lm: a token generator (with optional MTP
 speculative decoding), a stream of GenerationResponse, and `generate()` joining text."""
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .speculative import (
     draft_bytes_ratio,
 )
 
-PREFILL_STEP = 512
+PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
 MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"
@@ -67,8 +68,10 @@ def generate_step(
     With `draft_mtp`, each step drafts `num_draft` tokens with the chained MTP blocks
     ("auto": the depth, 0 included, that the measured acceptance and step times favour),
     verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
-    own next token (see `speculative.accept`): the output is exactly that of plain
-    decoding (greedy) or distributed exactly like it (sampling).
+    own next token (see `speculative.accept`): sampled output is distributed exactly like
+    plain decoding's, greedy output is the trunk's argmax at every token. On the CPU backend
+    that is token-for-token plain decoding's output; on Metal a verify pass over n+1 rows may
+    round differently from a one-row pass, so at an exact near-tie its argmax can differ.
 
     With a `prompt_cache` (see `prompt_cache.make_prompt_cache`), `prompt` continues the
     conversation it holds; only the tokens not cached yet run, and the cache is updated in
@@ -77,8 +80,11 @@ def generate_step(
     """
     sampler = as_sampler(sampler)
     stats = stats if stats is not None else SpecStats()
+    _release_at_thread_end()
     if not prompt:
         raise ValueError("the prompt is empty")
+    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
     if draft_mtp:
         num_draft = check_num_draft(num_draft)
         if not model.num_mtp:
@@ -135,24 +141,42 @@ def generate_step(
 
 # One generation stream per thread, as mlx-lm: MLX streams belong to the thread that made them.
 generation_stream = mx.new_thread_local_stream(mx.default_device())
+_thread_state = threading.local()
+
+
+class _ReleaseAtThreadEnd:
+    """Calls `mx.clear_streams()` when its thread's Python state is cleared (before
+    `Thread.join()` returns). MLX asks every worker thread to do so before it ends: the
+    thread's compile cache and random key hold Python objects, and if their C++ thread-exit
+    destructors find the interpreter finalizing they abort the process ("terminate called
+    without an active exception", exit 134)."""
+
+    def __del__(self):
+        mx.clear_streams()
+
+
+def _release_at_thread_end():
+    if threading.current_thread() is not threading.main_thread() and not hasattr(_thread_state, "release"):
+        _thread_state.release = _ReleaseAtThreadEnd()
 
 
 def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
-    """Run tokens[start:] through the trunk in chunks; returns the last token's hidden states.
-    Without a drafter only the KV caches of all but the last token are needed, so only
-    they are evaluated (as mlx-lm does); the MTP blocks need every position's hidden state.
-    `marks` = (positions, prompt_cache): chunks also end there, and the cache checkpoints."""
+    """Run tokens[start:] through the trunk in chunks of `step` tokens; returns the last
+    token's hidden states. Each chunk is evaluated before the next is built: the trunk's KV
+    caches and, with a drafter, the MTP blocks' work on the chunk (their caches and the
+    hidden rows they still need), so no prompt work is left for the first draft. Without a
+    drafter the last token goes through after the loop, so only KV caches are evaluated (as
+    mlx-lm). `marks` = (positions, prompt_cache): chunks also end there, and the cache
+    checkpoints."""
     positions, pc = marks or ((), None)
     end = len(tokens) - (drafter is None)
     cuts = sorted({*range(start, end, step), *(p for p in positions if start < p < end)}) + [end]
     for s, e in zip(cuts, cuts[1:]):
         h = model.hidden(mx.array([tokens[s:e]]), cache)
-        if drafter is None:
-            mx.eval([(c.keys, c.values) for c in cache])
-        else:
+        if drafter is not None:
             drafter.add_trunk(h)
             drafter.commit(tokens)
-            mx.eval(h)
+        mx.eval([(c.keys, c.values) for c in cache], drafter.state() if drafter else [])
         if pc is not None and e in positions:
             pc.tokens = tokens[:e]
             pc.checkpoint()
@@ -237,42 +261,67 @@ def verify_step(model, tokens, drafts, cache, processors=None):
 
 
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
-    """Draft, verify, accept, rewind; yields the accepted tokens of each step. Drafting
-    and verification form one lazy graph, evaluated once when the step is decided."""
+    """Draft, verify, accept, rewind; yields the accepted tokens of each step.
+
+    Pipelined, with one sync per step (in `accept`): a step is queued as soon as it is
+    built (its drafts before its trunk pass is built, so the device drafts meanwhile), and
+    the next step is built and queued from the tokens just accepted before they are
+    yielded, so the device is busy while the caller handles them."""
     n_out = 0
     slack = policy.max_depth + 1
     n = None  # the depth of the next step, when already chosen
-    while n_out < max_new:
-        n = min(policy.choose() if n is None else n, max_new - n_out - 1)
-        if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
-            start = len(tokens)
-            n = yield from _plain_run(
-                model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
-            )
-            n_out += len(tokens) - start
-            continue
-        tic = time.perf_counter()
-        if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
-            grow_slack(cache, slack)
-            slack = 0
-        drafts, dists = (
-            drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
-        )
-        h, lp = verify_step(model, tokens, drafts, cache, processors)
-        n_acc, nxt = accept(drafts, dists, lp, sampler)
-        rewind(cache, n - n_acc)
-        drafter.add_trunk(h[:, : n_acc + 1])
-        policy.update(n, n_acc, time.perf_counter() - tic)
-        stats.record(n, n_acc)
-        stats.verify_steps += 1
-        n = None
-        new = drafts[:n_acc].tolist() + [nxt]
-        tokens.extend(new)
-        for i, t in enumerate(new):
-            yield t, lp[i], i < n_acc
-            n_out += 1
-            if n_out >= max_new:
-                return
+    step = None  # the next step, already queued: (depth, drafts, dists, h, logprobs, start time)
+    try:
+        while n_out < max_new:
+            if step is None:
+                n = min(policy.choose() if n is None else n, max_new - n_out - 1)
+                if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
+                    start = len(tokens)
+                    n = yield from _plain_run(
+                        model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
+                    )
+                    n_out += len(tokens) - start
+                    continue
+                if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
+                    grow_slack(cache, slack)
+                    slack = 0
+                step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
+            n, drafts, dists, h, lp, tic = step
+            n_acc, nxt = accept(drafts, dists, lp, sampler)
+            rewind(cache, n - n_acc)
+            step = None
+            drafter.add_trunk(h[:, : n_acc + 1])
+            policy.update(n, n_acc, time.perf_counter() - tic)
+            stats.record(n, n_acc)
+            stats.verify_steps += 1
+            new = drafts[:n_acc].tolist() + [nxt]
+            tokens.extend(new)
+            n = None
+            left = max_new - n_out - len(new)  # tokens still wanted after these
+            if left > 0:
+                n = min(policy.choose(), left - 1)
+                if n or not policy.plain_check:
+                    step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
+            for i, t in enumerate(new):
+                yield t, lp[i], i < n_acc
+                n_out += 1
+                if n_out >= max_new:
+                    return
+    finally:  # a step queued when the caller stops: its trunk entries go
+        if step is not None:
+            rewind(cache, step[0] + 1)
+
+
+def _queue_step(model, tokens, cache, drafter, n, sampler, processors):
+    """Build and queue one speculative step after tokens[-1] (verified, not yet through the
+    trunk): n drafts, then the trunk pass verifying them and its processed log-probabilities."""
+    tic = time.perf_counter()
+    drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
+    if n:
+        mx.async_eval(drafts, dists)
+    h, lp = verify_step(model, tokens, drafts, cache, processors)
+    mx.async_eval(lp)
+    return n, drafts, dists, h, lp, tic
 
 
 def _peak_gb() -> float:

@@ -68,7 +68,7 @@ def make_recipe(quantize, q_bits: int = 4, q_group_size: int = 64) -> Optional[Q
 def build(path: Path, *, recipe, dtype, mtp: bool):
     """Model with empty (lazy) weights, its args, config, checkpoint keys and weight plan."""
     config = load_config(path)
-    args = parse_config(config)
+    args = parse_config(config, source=str(path / "config.json"))
     keys = checkpoint_keys(path)
     nested = config.get("model_type") == "step3p7"
     with_mtp = mtp and args.num_nextn_predict_layers > 0 and has_mtp_weights(keys, args, nested)
@@ -121,21 +121,31 @@ def load(
         path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
     )
     streamed = is_streamed(cache_plan) if cache_plan else None
-    seen = set()
+    weights = {}
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
-        if name in seen:
+        if name in weights:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
-        seen.add(name)
-        model.update(tree_unflatten([(name, arr)]), strict=False)
-    missing = plan.checkpoint_names([k for k in plan.missing(seen) if not (streamed and streamed(k))])
+        weights[name] = arr
+    missing = plan.checkpoint_names([k for k in plan.missing(weights) if not (streamed and streamed(k))])
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    model.update(tree_unflatten(list(weights.items())), strict=False)
+    del weights
     if cache_plan:
         attach_expert_cache(model, cache_plan, dtype=parse_dtype(dtype), policy=expert_cache_policy)
     model.eval()
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
     mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
-    tokenizer = load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
-    return model, tokenizer
+    return model, tokenizer_of(path, args)
+
+
+def tokenizer_of(path: Path, args) -> TokenizerWrapper:
+    """The checkpoint's tokenizer. transformers also reads config.json and the tokenizer files,
+    with checks of its own: whatever it refuses becomes one CheckpointError naming the folder."""
+    try:
+        return load_tokenizer(path, eos_token_ids=args.eos_token_ids or None)
+    except Exception as e:  # a third-party reader of untrusted files: any failure is the files'
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({detail[:300]})") from e

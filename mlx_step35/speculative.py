@@ -51,7 +51,7 @@ class SpecStats:
 
 
 class MTPDrafter:
-    def __init__(self, model, slack: int, chunk: int = 512):
+    def __init__(self, model, slack: int, chunk: int = 2048):
         self.model = model
         self.K = model.num_mtp
         self.cache = model.make_mtp_cache(slack)
@@ -70,6 +70,11 @@ class MTPDrafter:
         self.done[0] += h.shape[1]
         if self.horizon and self.done[0] - min(self.done[1:]) > 2 * self.horizon:
             self._skip_ahead(self.done[0] - self.horizon)
+
+    def state(self) -> List[mx.array]:
+        """Every array the drafter holds: its blocks' KV caches and the hidden rows kept."""
+        kv = [a for c in self.cache for a in (c.keys, c.values) if a is not None]
+        return kv + [h for h in self.hidden + self._rows if h is not None]
 
     def _trunk_rows(self):
         if self._rows:
@@ -126,8 +131,9 @@ class MTPDrafter:
         self, seq: List[int], n: int, sampler: Sampler, processors=None
     ) -> Tuple[mx.array, List[mx.array]]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
-        verified token). Returns the drafts as a lazy int32 array [n] and, per draft, the
-        distribution it was drawn from [1, V] (lazy: nothing is evaluated here)."""
+        verified token). Returns the drafts as an int32 array [n] and, per draft, the
+        distribution it was drawn from [1, V]; each draft is queued (`mx.async_eval`) as soon
+        as it is built, nothing waits for them here."""
         self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
@@ -154,6 +160,7 @@ class MTPDrafter:
                     tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
                     dists.append(dist)
                 drafts.append(tok)
+                mx.async_eval(tok, dists[-1:])  # queued: block k computes while k+1 is built
         finally:  # keep only committed entries, whatever happened
             for k in range(1, self.K + 1):
                 rewind([self.cache[k - 1]], self.cache[k - 1].offset - self.done[k])
@@ -177,6 +184,8 @@ def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler:
     normalize(max(0, p_i - q_i)); if all n are accepted a bonus token is drawn from p_n.
     The output is then distributed exactly as the trunk's own samples. Greedy: p and q
     are one-hot, so d_i is accepted iff it equals the trunk's argmax, which follows it.
+    (`logprobs` come from an (n+1)-row pass: on Metal its rounding can differ from a
+    one-row pass's, so at a near-tie its argmax can differ from plain decoding's.)
     Returns (number of drafts accepted, the token that follows them).
     """
     n = drafts.shape[0]

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import FORMAT_KEY, ModelArgs
-from .safetensors_io import CheckpointError, ShardReader, iter_shards, shard_files
+from .config import FORMAT_KEY, ConfigError, ModelArgs
+from .safetensors_io import CheckpointError, ShardReader, open_shards
 
 # HF checkpoint name -> our module name (mlx-lm's step3p5 names, so conversions load there too).
 RENAMES = [
@@ -107,11 +107,14 @@ def to_storage(internal: str, args: ModelArgs) -> str:
 
 
 def checkpoint_keys(path: Path) -> Dict[str, Path]:
-    """Every tensor key -> its shard, from the index or the shard headers."""
-    files, weight_map = shard_files(path)
-    if weight_map:
-        return {k: path / v for k, v in weight_map.items()}
-    return {k: f for f in files for k in ShardReader(f).keys()}
+    """Every tensor key -> its shard, from the index or the shard headers; every header and the
+    index are validated here, before anything is built or read."""
+    readers = open_shards(path)
+    keys = {}
+    for reader in readers:  # a key in two shards is refused while streaming
+        for key in reader.keys():
+            keys.setdefault(key, reader.path)
+    return keys
 
 
 def has_mtp_weights(keys, args: ModelArgs, nested: bool) -> bool:
@@ -147,7 +150,10 @@ class WeightPlan:
                 self.quant[path] = params
             return params or False
 
-        nn.quantize(model, class_predicate=predicate)
+        try:
+            nn.quantize(model, class_predicate=predicate)
+        except ValueError as e:  # stored parameters MLX cannot apply (e.g. a group size that does not divide)
+            raise ConfigError(f"config.json: quantization does not fit the model ({e})") from None
         self.expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
 
     def tensors(self, reader: ShardReader, key: str) -> List[Tuple[str, mx.array]]:
@@ -166,9 +172,26 @@ class WeightPlan:
             raise CheckpointError(
                 f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, expected {list(want)}"
             )
+        self._check_dtype(reader, key, module, internal)
         if quantize and internal.endswith(".weight"):
             return self._quantized(reader, key, internal, module)
         return [(internal, self._prepare(reader.read(key), internal, module))]
+
+    def _check_dtype(self, reader: ShardReader, key: str, module: str, internal: str):
+        """Packed quantized weights are uint32, every other stored weight floating-point."""
+        stored = reader.dtype(key)
+        if module in self.prequant:
+            ok, what = (
+                (stored == mx.uint32, "uint32 (packed quantized)")
+                if internal.endswith(".weight")
+                else (True, "")
+            )
+        else:
+            ok, what = mx.issubdtype(stored, mx.floating), "a floating-point dtype"
+        if not ok:
+            raise CheckpointError(
+                f"{reader.path}: tensor {key} has dtype {reader.tensors[key]['dtype']}, expected {what}"
+            )
 
     def _prepare(self, w: mx.array, internal: str, module: str) -> mx.array:
         if self.fmt == "hf" and module in self.norms:
@@ -246,9 +269,10 @@ def stream(
     `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars); tensors whose
     internal key satisfies `skip` are not read (experts streamed by the expert cache)."""
     wanted = None if only is None else {str(f) for f in only}
-    for reader in iter_shards(path):
+    for reader in open_shards(path):
         if wanted is not None and str(reader.path) not in wanted:
             continue
+        batch = []  # a conversion's shard: MLX reads it in one evaluation (as mlx_lm.load does)
         for key in reader.keys():
             internal = to_internal(key, plan.args, plan.nested)
             if internal is not None and skip_mtp and internal.startswith("mtp."):
@@ -256,10 +280,16 @@ def stream(
             if internal is not None and skip is not None and skip(internal):
                 continue
             for name, arr in plan.tensors(reader, key):
-                mx.eval(arr)
-                yield name, arr
+                if plan.fmt == "mlx":
+                    batch.append((name, arr))
+                else:  # transformed (and maybe quantized) one tensor at a time: bounded memory
+                    mx.eval(arr)
+                    yield name, arr
             if on_tensor:
                 on_tensor(reader.nbytes(key))
+        mx.eval([arr for _, arr in batch])
+        yield from batch
+        reader.close()
 
 
 def warn_unused(keys, args, nested):

@@ -150,6 +150,45 @@ def test_per_layer_array_of_wrong_length():
         parse_config(cfg)
 
 
+NESTED = {"rope_type": "llama3", "factor": 2.0}  # llama3 without its frequency factors
+OTHER = {"num_attention_heads": 96, "num_attention_groups": 8, "head_dim": 64}
+BAD_FIELDS = [  # (field, value, what the message says besides "field = value")
+    ("vocab_size", "128896", "expected a positive integer"),
+    ("hidden_size", 0, "expected a positive integer"),
+    ("num_hidden_layers", 10**6, "at most"),
+    ("head_dim", 64.0, "expected a positive integer"),
+    ("num_nextn_predict_layers", -1, "0..16"),
+    ("rms_norm_eps", 0, "expected a positive number"),
+    ("rope_theta", [1e4, -1.0], "positive number"),
+    ("sliding_window", True, "expected a positive integer"),
+    ("partial_rotary_factors", [0.0] * 48, "(0, 1]"),
+    ("use_head_wise_attn_gate", "yes", "expected true or false"),
+    ("moe_top_k", 300, "at most moe_num_experts (288)"),
+    ("moe_layers_enum", "3,4,x", "layer numbers"),
+    ("swiglu_limits", [-1.0] * 48, "non-negative numbers"),
+    ("eos_token_id", [1, "2"], "token id"),
+    ("rope_scaling.rope_type", "llama4", "llama3"),
+    ("rope_scaling.low_freq_factor", None, "expected a positive number"),
+    ("attention_other_setting.head_dim", 64, "head_dim (128)"),
+    ("quantization.bits", 7, "one of (2, 3, 4, 5, 6, 8)"),
+]
+CONFIG_VALUES = {  # the config value behind a nested field above
+    "rope_scaling.rope_type": ("rope_scaling", {**NESTED, "rope_type": "llama4"}),
+    "rope_scaling.low_freq_factor": ("rope_scaling", NESTED),
+    "attention_other_setting.head_dim": ("attention_other_setting", OTHER),
+    "quantization.bits": ("quantization", {"group_size": 64, "bits": 7}),
+}
+
+
+@pytest.mark.parametrize("field, value, words", BAD_FIELDS, ids=[f for f, _, _ in BAD_FIELDS])
+def test_bad_field_is_named_with_value_and_expectation(field, value, words):
+    key, config_value = CONFIG_VALUES.get(field, (field, value))
+    with pytest.raises(ConfigError) as e:
+        parse_config({**real_config(), key: config_value}, source="/m/config.json")
+    msg = str(e.value)
+    assert msg.startswith(f"/m/config.json: {field} = {value!r}"[:60]) and words in msg, msg
+
+
 def test_step3p7_nested_config():
     inner = real_config()
     args = parse_config({"model_type": "step3p7", "text_config": inner, "vision_config": {}})
