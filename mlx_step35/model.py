@@ -35,11 +35,12 @@ class MLP(nn.Module):
         return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
 
 
-# The MoE in few kernels. Routing weight of expert e: w_e = scale * sigmoid(g_e) / S with
-# S = sum of sigmoid(g) over the chosen experts (S = 1 without norm_expert_weight). The
-# router hands over the chosen experts' raw gate logits; the weights, their sum, the weighted
-# sum over experts, the shared expert and the residual add form one fused kernel, in mlx-lm's
-# order of operations and dtypes.
+# The MoE in few kernels, in mlx-lm's order of operations and dtypes. Routing weight of
+# expert e: w_e = scale * sigmoid(g_e) / S with S the sum of sigmoid(g) over the chosen experts
+# (S = 1 without norm_expert_weight). The router hands over the chosen experts' raw gate
+# logits; `_combine` takes the weights, the weighted sum, the shared expert and the residual
+# add in 5 kernels for any top_k (sums as reductions: a fused chain of top_k adds outgrows
+# MLX's fusion depth and splits into many kernels at top_k = 8).
 
 
 @mx.compile
@@ -53,22 +54,12 @@ def _route(logits, bias, top_k: int):
 @mx.compile
 def _combine(experts, chosen, shared, residual, scale: float, normalize: bool):
     """[residual +] (sum over k of experts[..., k, :] * w_k in fp32, rounded to the model's
-    dtype) + shared, with experts [B, L, top_k, H] and chosen [B, L, top_k]: one fused kernel
-    of elementwise ops over views (every operand broadcast to [B, L, H] first: MLX fuses only
-    elementwise ops of one output shape)."""
-    top_k = experts.shape[-2]
-    w = [
-        mx.sigmoid(mx.broadcast_to(chosen[..., k : k + 1], shared.shape).astype(mx.float32))
-        for k in range(top_k)
-    ]
+    dtype) + shared; experts [B, L, top_k, H], chosen [B, L, top_k]."""
+    w = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
+    wide = mx.broadcast_to(w[..., None], experts.shape)  # broadcast first: one fused kernel below
     if normalize:
-        total = w[0]
-        for k in range(1, top_k):
-            total = total + w[k]
-        w = [x / total for x in w]
-    routed = experts[..., 0, :] * (w[0] * scale)
-    for k in range(1, top_k):
-        routed = routed + experts[..., k, :] * (w[k] * scale)
+        wide = wide / w.sum(axis=-1, keepdims=True)[..., None]
+    routed = (experts * (wide * scale)).sum(axis=-2)
     out = routed.astype(shared.dtype) + shared
     return out if residual is None else residual + out
 
