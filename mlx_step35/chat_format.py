@@ -440,11 +440,35 @@ def render_prompt(tokenizer, messages, tools=None, tool_choice=None, chat_templa
     bad = sorted(set(kwargs) & set(_RESERVED_KWARGS))
     if bad:
         raise ValueError(f"chat_template_kwargs: {', '.join(bad)} cannot be set here")
+    return _render(tokenizer, template_messages(messages), _chosen_tools(tools, tool_choice), True, kwargs)
+
+
+def _render(tokenizer, messages, tools, generation_prompt: bool, kwargs) -> List[int]:
     text = tokenizer.apply_chat_template(
-        template_messages(messages),
-        tools=_chosen_tools(tools, tool_choice),
-        add_generation_prompt=True,
-        tokenize=False,
-        **kwargs,
+        messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **kwargs
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def branch_points(
+    tokenizer, messages, ids, tools=None, tool_choice=None, chat_template_kwargs=None
+) -> List[int]:
+    """Positions in the prompt `ids` (from `render_prompt` with the same arguments) where a
+    later prompt of the conversation is likely to leave it: the end of the system turn (tools
+    included) and the end of the last message. A prompt cache checkpoints there. Positions the
+    template does not render as a prefix of `ids` are left out."""
+    msgs, chosen, kwargs = (
+        template_messages(messages),
+        _chosen_tools(tools, tool_choice),
+        chat_template_kwargs,
+    )
+    heads = [msgs] + ([msgs[:1]] if msgs and msgs[0].get("role") == "system" else [[]] if chosen else [])
+    out = []
+    for head in heads:
+        try:
+            part = _render(tokenizer, head, chosen, False, dict(kwargs or {}))
+        except Exception:  # a template may refuse a partial conversation: no checkpoint there
+            continue
+        if 0 < len(part) < len(ids) and ids[: len(part)] == part:
+            out.append(len(part))
+    return sorted(set(out))

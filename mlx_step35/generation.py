@@ -13,6 +13,7 @@ from .cache import grow_slack, rewind
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
+    PREFILL_STEP,
     AutoDraft,
     FixedDraft,
     MTPDrafter,
@@ -21,7 +22,6 @@ from .speculative import (
     draft_bytes_ratio,
 )
 
-PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
 MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"

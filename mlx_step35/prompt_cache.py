@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from .cache import FullKVCache, SlidingKVCache
 from .safetensors_io import ShardReader
-from .speculative import MTPDrafter
+from .speculative import PREFILL_STEP, MTPDrafter
 
 FORMAT_VERSION = 1
 MAX_SLACK = 4  # rewind slack of the drafter's caches: any --num-draft (1-3) plus one
@@ -198,7 +198,7 @@ class PromptCache:
         return live + sum(cp.nbytes for cp in self.checkpoints.values())
 
 
-def make_prompt_cache(model, draft_mtp: bool = True, prefill_step_size: int = 2048) -> PromptCache:
+def make_prompt_cache(model, draft_mtp: bool = True, prefill_step_size: int = PREFILL_STEP) -> PromptCache:
     """An empty prompt cache for `model`. With `draft_mtp` (and MTP weights) it also keeps
     the drafter's state, so any later generation on it may draft; without, none may."""
     drafter = MTPDrafter(model, MAX_SLACK, prefill_step_size) if draft_mtp and model.num_mtp else None
@@ -346,7 +346,7 @@ class PromptCacheStore:
         max_bytes: int,
         *,
         draft_mtp: bool = True,
-        prefill_step_size: int = 2048,
+        prefill_step_size: int = PREFILL_STEP,
         max_checkpoints: int = 8,
         directory=None,
         max_dir_bytes: Optional[int] = None,
@@ -441,6 +441,16 @@ def _usable(pc: PromptCache, tokens: Sequence[int]) -> int:
     if common == len(pc.tokens):
         return common
     return max((p for p in pc.checkpoints if p <= common), default=0)
+
+
+def default_store_gb() -> float:
+    """A server's default prompt-cache budget: 5% of the machine's memory, 0.5-8 GB (one
+    30K-token conversation of the real model holds ~1.5 GB of full-attention KV)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return round(min(8.0, max(0.5, 0.05 * total / 1e9)), 1)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -16,6 +16,8 @@ from mlx.utils import tree_flatten
 from .cache import rewind
 from .sampling import Sampler, process
 
+PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
+
 
 @dataclass
 class SpecStats:
@@ -51,7 +53,7 @@ class SpecStats:
 
 
 class MTPDrafter:
-    def __init__(self, model, slack: int, chunk: int = 2048):
+    def __init__(self, model, slack: int, chunk: int = PREFILL_STEP):
         self.model = model
         self.K = model.num_mtp
         self.cache = model.make_mtp_cache(slack)

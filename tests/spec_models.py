@@ -17,12 +17,20 @@ from mlx_step35 import load
 HEAD_SCALE = 8.0
 
 
-def successor_model(path, eps: float = 0.0):
+def successor_model(path, eps: float = 0.0, chain=None):
+    """`chain` (token ids c_0, c_1, ...): instead of x + 1, c_i's successor is c_{i+1} (the ids must
+    be distinct), so a prompt ending in c_0 makes the model emit c_1, c_2, ... exactly."""
     model, tokenizer = load(path, quantize=False, dtype="float32")
     V, H = model.args.vocab_size, model.args.hidden_size
     E = model.model.embed_tokens.weight
     unit = E * mx.rsqrt(mx.mean(E * E, axis=-1, keepdims=True) + model.args.rms_norm_eps)
-    head = unit[(mx.arange(V) - 1) % V] * (HEAD_SCALE / H)  # row y scores predecessor y - 1
+    if chain is None:
+        head = unit[(mx.arange(V) - 1) % V] * (HEAD_SCALE / H)  # row y scores predecessor y - 1
+    else:
+        assert len(set(chain)) == len(chain), "a chain's ids must be distinct"
+        head = mx.zeros((V, H))
+        head[mx.array(chain[1:])] = unit[mx.array(chain[:-1])]
+        head = head * (HEAD_SCALE / H)
     updates = [("lm_head.weight", head), ("model.norm.weight", mx.ones((H,)))]
     for name, w in tree_flatten(model.parameters()):
         if name.endswith(("o_proj.weight", "down_proj.weight")):

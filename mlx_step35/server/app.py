@@ -1,0 +1,407 @@
+"""The FastAPI application: OpenAI-compatible routes, errors, API key, body limit, metrics."""
+
+import asyncio
+import hmac
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import List, Optional, Tuple, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation import MAX_TOKENS, NUM_DRAFT
+from ..sampling import Sampler, make_logits_processors, make_sampler
+from .chat import serve_chat
+from .engine import Engine, Failed, Finished, GenRequest, Piece, QueueFull
+from .metrics import Metrics
+from .responses import Envelope, completion_logprobs, error_body, timings, usage
+from .schemas import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    _Common,
+    num_draft_of,
+    refuse_unsupported,
+    stop_list,
+)
+
+log = logging.getLogger("mlx_step35.server")
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
+RETRY_AFTER_S = 5
+
+
+@dataclass
+class Settings:
+    model_id: str
+    model_aliases: Tuple[str, ...] = ()
+    api_key: Optional[str] = None
+    allowed_origins: List[str] = field(default_factory=list)
+    max_body_bytes: int = 16 * 2**20
+    max_tokens: int = MAX_TOKENS
+    temp: float = Sampler.temp
+    top_p: float = Sampler.top_p
+    top_k: int = Sampler.top_k
+    min_p: float = Sampler.min_p
+    draft_mtp: bool = True
+    num_draft: Union[int, str] = NUM_DRAFT
+
+
+class Guard:
+    """ASGI middleware: 401 without the API key, 413 over the body limit (the body is read
+    here, before any route sees it), and requests counted by path and status."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counted_send, path)
+        finally:
+            if path.startswith("/v1/") and "code" in status:
+                self.metrics.request(path, status["code"])
+
+    async def _guarded(self, scope, receive, send, path):
+        headers = dict(scope["headers"])
+        key = self.settings.api_key
+        if key and scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return await _reply(
+                    send,
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "authentication_error",
+                    {"www-authenticate": "Bearer"},
+                )
+        limit = self.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _reply(send, 413, f"request body over the limit of {limit} bytes")
+        body, more, disconnect = [], True, None
+        size = 0
+        while more and scope["method"] in ("POST", "PUT", "PATCH"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnect = message
+                break
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await _reply(send, 413, f"request body over the limit of {limit} bytes")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return disconnect or {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+
+        if path.startswith("/v1/") and scope["method"] == "POST":  # JSON whatever the client declared
+            hdrs = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=hdrs + [(b"content-type", b"application/json")])
+        await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, message: str, kind="invalid_request_error", headers=None):
+    body = json.dumps(error_body(message, kind)).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error(status: int, message: str, param=None, kind="invalid_request_error", code=None, headers=None):
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> Tuple[str, Optional[str]]:
+    parts, param = [], None
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        if e.get("type") == "json_invalid":
+            parts.append(f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+        elif e.get("type") == "extra_forbidden":
+            parts.append(f"unsupported field {where!r}")
+        else:
+            parts.append(f"{where or 'body'}: {e.get('msg')}")
+        if e.get("type") != "json_invalid":
+            param = param or loc[0] if loc else param
+    return "; ".join(parts) or "invalid request", param
+
+
+def add_error_handlers(app: FastAPI):
+    """Every error as an OpenAI error object; validation errors are 400s naming the field."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request, exc):
+        message, param = _validation_message(exc)
+        return error(400, message, param)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request, exc: RequestError):
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        kind = "server_busy" if exc.status == 503 else "invalid_request_error"
+        code = "model_not_found" if exc.status == 404 else None
+        return error(exc.status, str(exc), exc.param, kind=kind, code=code, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request, exc):
+        return error(
+            exc.status_code,
+            str(exc.detail),
+            kind="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+        )
+
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc):
+        log.exception("unexpected error")
+        return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    metrics = engine.metrics or Metrics()
+    engine.metrics = metrics
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # tokenizers are not re-entrant
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.shutdown()
+        pool.shutdown(wait=False)
+
+    app = FastAPI(title="mlx-step35", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+
+    add_error_handlers(app)
+    ctx = Context(engine, settings, pool)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    card = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        ctx.check_model(name)
+        return card
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(engine.queue_depth(), int(engine.busy))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return resources.files("mlx_step35.server").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await serve_completion(ctx, req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await serve_chat(ctx, req, request)
+
+    return app
+
+
+class Context:
+    """What the route handlers share: the engine, settings and the tokenizing thread."""
+
+    def __init__(self, engine: Engine, settings: Settings, pool: ThreadPoolExecutor):
+        self.engine, self.settings, self.pool = engine, settings, pool
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_model(self, name: Optional[str]):
+        if name and name != self.settings.model_id and name not in self.settings.model_aliases:
+            raise RequestError(
+                f"model {name!r} not found: this server serves {self.settings.model_id!r} (GET /v1/models)",
+                "model",
+                404,
+            )
+
+    def gen_request(
+        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs
+    ) -> GenRequest:
+        s = self.settings
+        vocab = self.engine.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if not prompt:
+            raise RequestError("the prompt is empty", "prompt")
+        room = self.engine.context_length - len(prompt)
+        if room < 1:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens; the model's context is {self.engine.context_length}",
+                "messages" if hasattr(req, "messages") else "prompt",
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        if max_tokens is not None and max_tokens > room:
+            raise RequestError(
+                f"max_tokens {max_tokens} + the prompt's {len(prompt)} tokens exceed the model's context "
+                f"of {self.engine.context_length}",
+                "max_tokens",
+            )
+        draft_mtp, num_draft = num_draft_of(req.num_draft, (s.draft_mtp, s.num_draft))
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        top_k = pick(req.top_k, s.top_k)
+        if top_k > vocab:
+            raise RequestError(f"top_k must be at most the vocabulary size {vocab}", "top_k")
+        procs = make_logits_processors(
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty or None,
+            frequency_penalty=req.frequency_penalty or None,
+        )
+        return GenRequest(
+            prompt=prompt,
+            max_tokens=min(room, max_tokens or s.max_tokens),
+            sampler=make_sampler(
+                pick(req.temperature, s.temp),
+                pick(req.top_p, s.top_p),
+                pick(req.min_p, s.min_p),
+                max(top_k, 0),
+            ),
+            processors=procs or None,
+            draft_mtp=draft_mtp,
+            num_draft=num_draft,
+            seed=req.seed,
+            stop=stop_list(req.stop),
+            top_logprobs=top_logprobs,
+        )
+
+    def submit(self, gen: GenRequest) -> "Job":  # noqa: F821
+        try:
+            return self.engine.submit(gen, asyncio.get_running_loop())
+        except QueueFull:
+            raise RequestError(
+                "the server is busy: the request queue is full, retry later", None, 503
+            ) from None
+
+
+async def watch_disconnect(request: Request, job):
+    """Cancel `job` when the client goes away (the body is already read, so the next
+    message can only be the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+async def run_job(ctx: Context, job, request: Request, stream_fn, collect_fn):
+    """Stream (SSE) or collect a job's events, cancelling it when the client disconnects."""
+    watcher = asyncio.create_task(watch_disconnect(request, job))
+
+    async def sse():
+        try:
+            async for chunk in stream_fn(job.stream()):
+                yield chunk
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+            watcher.cancel()
+
+    if stream_fn is not None:
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        return await collect_fn(job.stream())
+    finally:
+        job.cancel()
+        watcher.cancel()
+
+
+def failed_response(ev: Failed):
+    return error(500, ev.message, kind="server_error")
+
+
+async def serve_completion(ctx: Context, req: CompletionRequest, request: Request):
+    ctx.check_model(req.model)
+    refuse_unsupported(req)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        raise RequestError("one prompt per request (a string or a list of token ids)", "prompt")
+    ids = await ctx.off_loop(ctx.engine.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+    gen = ctx.gen_request(req, ids, req.max_tokens, req.logprobs)
+    job = ctx.submit(gen)
+    env = Envelope("completion", ctx.settings.model_id)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def extras(done: Finished):
+        return {"usage": usage(done), "timings": timings(done)}
+
+    async def stream(events):
+        offset = 0
+        async for ev in events:
+            if isinstance(ev, Piece):
+                if not ev.text and not ev.logprobs:
+                    continue
+                choice = {"index": 0, "text": ev.text, "finish_reason": None, "logprobs": None}
+                if gen.top_logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(ev.logprobs, offset)
+                if req.return_token_ids:
+                    choice["token_ids"] = ev.tokens
+                offset += len(ev.text)
+                yield env.sse([choice])
+            elif isinstance(ev, Finished):
+                if ev.finish_reason == "cancelled":
+                    return
+                choice = {"index": 0, "text": "", "finish_reason": ev.finish_reason, "logprobs": None}
+                yield env.sse([choice], timings=timings(ev))
+                if include_usage:
+                    yield env.sse([], usage=usage(ev))
+            else:
+                yield "data: " + json.dumps(error_body(ev.message, "server_error")) + "\n\n"
+
+    async def collect(events):
+        text, tokens, lps = "", [], []
+        async for ev in events:
+            if isinstance(ev, Piece):
+                text += ev.text
+                tokens += ev.tokens
+                lps += ev.logprobs
+            elif isinstance(ev, Failed):
+                return failed_response(ev)
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": ev.finish_reason, "logprobs": None}
+                if gen.top_logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(lps, 0)
+                if req.return_token_ids:
+                    choice["token_ids"] = tokens
+                out = env.wrap([choice], False, **extras(ev))
+                if req.return_token_ids:
+                    out["prompt_token_ids"] = ids
+                return out
+
+    return await run_job(ctx, job, request, stream if req.stream else None, collect)
