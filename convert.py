@@ -60,8 +60,13 @@ def main(argv=None):
         "(e.g. a community 4-bit Step-3.5 repo), reading only the shards that hold them",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--force", action="store_true", help="convert even when the working memory exceeds this machine's"
+    )
     a = p.parse_args(argv)
     with user_errors(p.prog):
+        if not a.mtp_only:
+            check_memory(a)
         out = convert(
             a.hf_path,
             a.mlx_path,
@@ -71,8 +76,27 @@ def main(argv=None):
             dtype=a.dtype,
             mtp_only=a.mtp_only,
             progress=not a.quiet and sys.stderr.isatty(),
+            force=True,  # check_memory decided
         )  # no bar in logs/pipes
         print(f"wrote {out}")
+
+
+def check_memory(a):
+    """Print the conversion's working memory; exit 2 when it exceeds the machine's, unless --force."""
+    from mlx_step35.conversion import working_memory
+    from mlx_step35.memory import gb
+
+    need, device = working_memory(
+        a.hf_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size, dtype=a.dtype
+    )
+    what = f"working memory about {gb(need)} of this machine's {gb(device.memory)}"
+    if need > device.memory and not a.force:
+        print(
+            f"convert.py: error: not enough memory to convert ({what}); --force converts anyway",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    print(what)
 
 
 if __name__ == "__main__":

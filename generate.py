@@ -1,11 +1,17 @@
 """Generate text with Step-3.5/3.7-Flash, optionally drafting with its 3 MTP blocks."""
 
+import sys
+import warnings
 from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
 from mlx_step35.expert_cache import EXPERT_CACHE_POLICY, POLICIES
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
+from mlx_step35.weights import QuantRecipe
+
+R = QuantRecipe()
+TEMPLATE_TOKENS = 64  # allowance for the chat template's tokens in the pre-flight's context
 
 DEFAULTS = dict(asdict(Sampler()), max_tokens=MAX_TOKENS)  # the package's defaults, defined there
 
@@ -58,10 +64,10 @@ def main(argv=None):
     )
     p.add_argument(
         "--num-draft",
-        default=NUM_DRAFT,
+        default=None,
         choices=["1", "2", "3", "auto"],
-        help="tokens drafted per step; auto (default) picks 0-3 each step from the "
-        "measured acceptance and step times",
+        help=f"tokens drafted per step (giving it implies --draft-mtp); {NUM_DRAFT} (default) picks 0-3 "
+        "each step from the measured acceptance and step times",
     )
     p.add_argument(
         "--prefill-step-size",
@@ -78,6 +84,18 @@ def main(argv=None):
         choices=["bfloat16", "float16", "float32"],
         help="dtype of unquantized weights (default: bfloat16 for HF checkpoints, "
         "the stored dtype for conversions)",
+    )
+    p.add_argument(
+        "--q-bits",
+        type=int,
+        default=R.bits,
+        choices=[2, 3, 4, 5, 6, 8],
+        help=f"HF checkpoints only: bits of the bulk of the weights when quantizing (default {R.bits})",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="load even when the memory pre-flight says the model cannot fit in this machine's memory",
     )
     p.add_argument(
         "--expert-cache-gb",
@@ -110,7 +128,12 @@ def main(argv=None):
         metavar="FILE",
         help="after generating, save the conversation's caches to FILE (may be the --prompt-cache-file)",
     )
-    p.add_argument("--verbose", action="store_true", help="also print the prompt and per-step details")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print the prompt, per-step details and the memory pre-flight "
+        "(printed anyway when the model does not fit as configured)",
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -118,13 +141,60 @@ def main(argv=None):
         p.error("--prefill-step-size must be at least 1")
     if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
         p.error("--expert-cache-gb must be positive")
-    with user_errors(p.prog):
+    a.draft_mtp = a.draft_mtp or a.num_draft is not None
+    a.num_draft = a.num_draft or NUM_DRAFT
+    with user_errors(p.prog), warnings.catch_warnings():
         run(a)
 
 
+def check_memory(a, text: str, group=None) -> int:
+    """Print the memory pre-flight when the model does not fit (or with --verbose); exit 2
+    when it cannot fit at all, unless --force. Returns the context it budgeted for."""
+    from mlx_step35.loading import preflight
+    from mlx_step35.memory import MemoryWarning
+
+    # An upper bound on the prompt's tokens (a token covers at least one byte), before any tokenizer.
+    context = len(text.encode()) + len((a.system or "").encode()) + TEMPLATE_TOKENS + a.max_tokens
+    report = preflight(
+        a.model,
+        quantize=not a.no_quantize,
+        q_bits=a.q_bits,
+        dtype=a.dtype,
+        mtp=a.draft_mtp,
+        context=context,
+        draft=a.draft_mtp,
+        expert_cache_gb=a.expert_cache_gb,
+        group=group,
+    )
+    if a.verbose or not report.ok:
+        print(report.text(), file=sys.stderr)
+        warnings.simplefilter("ignore", MemoryWarning)  # said once: load() and generation stay quiet
+    if report.refuse and not a.force:
+        print(
+            "generate.py: error: the model cannot fit in this machine's memory (see above); "
+            "--force loads anyway",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return context
+
+
 def run(a):
+    from mlx_step35.distributed import exit_when_terminated, peer_errors, world
+
+    group = world()  # started by mlx.launch with several ranks: tensor parallel over them
+    if group is not None and (a.prompt_cache_file or a.save_prompt_cache):
+        raise ValueError(
+            "prompt cache files are not supported under tensor parallelism yet (each rank holds a shard)"
+        )
+    if group is not None:
+        exit_when_terminated(f"generate.py: error: rank {group.rank()}: stopped, another rank exited")
+    with peer_errors(group.rank() if group else None):
+        generate(a, group)
+
+
+def generate(a, group):
     import json
-    import sys
 
     import mlx.core as mx
 
@@ -134,8 +204,9 @@ def run(a):
 
     if a.seed is not None:
         mx.random.seed(a.seed)
-    model, tokenizer, trace = load_model(a)
+    show = print if group is None or group.rank() == 0 else (lambda *args, **kwargs: None)
     text = sys.stdin.read() if a.prompt == "-" else a.prompt.replace("\\n", "\n")
+    model, tokenizer, trace = load_model(a, check_memory(a, text, group), group)
     pc, messages = None, []
     if a.prompt_cache_file:
         pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
@@ -151,8 +222,8 @@ def run(a):
             branch = min(len(build_prompt(tokenizer, text, **kw)), len(prompt) - 1)
         prompt = pc.continuation(prompt if templated else pc.history + prompt)
     if a.verbose:
-        print(tokenizer.decode(prompt), end="")
-        print("\n" + "=" * 10)
+        show(tokenizer.decode(prompt), end="")
+        show("\n" + "=" * 10)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.top_k)
     procs = make_logits_processors(repetition_penalty=a.repetition_penalty) if a.repetition_penalty else None
     last, reply = None, ""
@@ -169,11 +240,13 @@ def run(a):
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
     ):
-        print(last.text, end="", flush=True)
+        show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
         reply += last.text
-    print("\n" + "=" * 10)
+    show("\n" + "=" * 10)
     if last is not None:
-        print(format_stats(last))
+        show(format_stats(last))
+    if group is not None and group.rank() != 0:
+        return  # rank 0 reports and saves
     report_experts(a, model, trace, last, prompt)
     if a.save_prompt_cache:
         if not messages and a.system:
@@ -184,8 +257,9 @@ def run(a):
         print(f"Prompt cache: {len(state.tokens)} tokens saved to {a.save_prompt_cache}")
 
 
-def load_model(a):
-    """load() with the CLI's flags; with --expert-cache-gb the pre-flight is printed first
+def load_model(a, context: int, group=None):
+    """load() with the CLI's flags (the memory pre-flight for `context` tokens was printed
+    by check_memory); with --expert-cache-gb the expert cache's pre-flight is printed first
     (a budget too small is refused there, before anything loads)."""
     from mlx_step35 import load
     from mlx_step35.expert_cache import plan_expert_cache
@@ -197,10 +271,14 @@ def load_model(a):
     model, tokenizer = load(
         a.model,
         quantize=not a.no_quantize,
+        q_bits=a.q_bits,
         dtype=a.dtype,
         mtp=a.draft_mtp,  # the MTP blocks are loaded only to draft with
+        context=context,
+        force=True,  # check_memory decided
         expert_cache_gb=a.expert_cache_gb,
         expert_cache_policy=a.expert_cache_policy,
+        group=group,
     )
     return model, tokenizer, trace_experts(model) if a.trace_experts else None
 

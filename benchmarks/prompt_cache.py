@@ -156,7 +156,6 @@ def replay(server, max_tokens):
     messages = next(turns)
     while True:
         body = {
-            "model": "default",
             "messages": messages,
             "tools": TOOLS,
             "max_tokens": max_tokens,

@@ -5,6 +5,7 @@ import sys
 from contextlib import contextmanager
 
 from .config import ConfigError
+from .distributed import PeerLost
 from .safetensors_io import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
@@ -18,6 +19,9 @@ def user_errors(prog: str):
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PeerLost as e:  # several ranks (mlx.launch): another one is gone
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -18,6 +18,7 @@ from .config import (
     text_config,
 )
 from .loading import build, make_recipe, parse_dtype, resolve_path
+from .memory import Device, InsufficientMemoryError, conversion_bytes, gb
 from .safetensors_io import CheckpointError
 from .weights import QuantRecipe, checkpoint_keys, stream, to_internal, to_storage
 
@@ -122,6 +123,7 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     on_tensor: Optional[Callable[[str], None]] = None,
+    force: bool = False,
 ) -> Path:
     """Convert an HF Step-3.5/3.7-Flash checkpoint into MLX shards at `mlx_path`.
 
@@ -130,6 +132,8 @@ def convert(
     it at the end: an interrupted run leaves nothing that looks complete. With
     `mtp_only=True`, `mlx_path` is an existing MLX conversion without MTP weights and
     only the MTP layers of `hf_path` are read, quantized like it, and added to it.
+    Raises InsufficientMemoryError, before writing anything, when that working memory
+    (`working_memory`) exceeds the machine's memory, unless `force`.
     """
     src = resolve_path(hf_path)
     if mtp_only:
@@ -142,6 +146,12 @@ def convert(
     recipe = make_recipe(quantize, q_bits, q_group_size)
     dt = parse_dtype(dtype)
     model, args, config, keys, plan = build(src, recipe=recipe, dtype=dt, mtp=True)
+    need, device = conversion_bytes(model, plan.shapes, dt, max_shard_bytes), Device.current()
+    if need > device.memory and not force:
+        raise InsufficientMemoryError(
+            f"converting needs about {gb(need)} of working memory, more than this machine's "
+            f"{gb(device.memory)}; a smaller max_shard_bytes lowers it (force=True converts anyway)"
+        )
     tmp = out.parent / f".{out.name}.incomplete"
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from an interrupted run
@@ -155,6 +165,23 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no partial shards behind
         raise
     return out
+
+
+def working_memory(
+    hf_path: Union[str, Path],
+    *,
+    quantize: Union[bool, QuantRecipe] = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Tuple[int, Device]:
+    """(bytes of working memory `convert` needs with these arguments, this machine)."""
+    dt = parse_dtype(dtype)
+    model, _, _, _, plan = build(
+        resolve_path(hf_path), recipe=make_recipe(quantize, q_bits, q_group_size), dtype=dt, mtp=True
+    )
+    return conversion_bytes(model, plan.shapes, dt, max_shard_bytes), Device.current()
 
 
 def _write_conversion(

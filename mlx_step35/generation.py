@@ -10,6 +10,8 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .distributed import lockstep
+from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
 from .speculative import (
@@ -117,23 +119,24 @@ def generate_step(
         grow_slack(cache, slack0)
         marks = (sorted(set(checkpoints) | {len(tokens) - CHECKPOINT_BEFORE_END}), prompt_cache)
     try:
-        with mx.stream(generation_stream):
+        # Weights stay wired while generating (on Metal); restored when the generator ends or is closed.
+        with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
             tic = time.perf_counter()
             h = _prefill(model, tokens, cache, drafter, prefill_step_size, start, marks)
             logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
-            tok = int(sampler(logprobs).item())
+            tok = int(lockstep(model).array(sampler(logprobs)).item())  # rank 0's token, every rank
             tokens.append(tok)
             if policy:
                 policy.observe_prefill(len(tokens) - 1 - start, time.perf_counter() - tic)
             yield tok, logprobs[0], False
             if policy is None:
-                yield from _plain_run(
-                    model, tokens, cache, sampler, logits_processors, max_tokens - 1, drafter
+                rest = _plain_run(model, tokens, cache, sampler, logits_processors, max_tokens - 1, drafter)
+            else:
+                rest = _speculative(
+                    model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
                 )
-                return
-            yield from _speculative(
-                model, tokens, cache, drafter, sampler, logits_processors, policy, max_tokens - 1, stats
-            )
+            # The first token is out: clear MLX's buffer cache after every DECODE_CLEAR_EVERY-th.
+            yield from clearing_cache(rest, DECODE_CLEAR_EVERY, first=2)
     finally:
         if prompt_cache is not None:
             prompt_cache.finish(tokens)
@@ -177,6 +180,7 @@ def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
             drafter.add_trunk(h)
             drafter.commit(tokens)
         mx.eval([(c.keys, c.values) for c in cache], drafter.state() if drafter else [])
+        mx.clear_cache()  # free the chunk's activations now, as mlx-lm does
         if pc is not None and e in positions:
             pc.tokens = tokens[:e]
             pc.checkpoint()
@@ -202,12 +206,14 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
     depth that ended the run, or None when `count` tokens are out."""
     hist = mx.array(tokens[:-1], dtype=mx.uint32)  # the samplers' dtype: no casts per step
+    sync = lockstep(model)
 
     def step(y):
         nonlocal hist
         if processors:
             hist = mx.concatenate([hist, y])
-        return plain_step(model, y, cache, sampler, processors, hist)
+        tok, lp, h = plain_step(model, y, cache, sampler, processors, hist)
+        return sync.array(tok), lp, h  # rank 0's token on every rank (tensor parallel)
 
     nxt = step(mx.array(tokens[-1:], dtype=mx.uint32))
     mx.async_eval(nxt)
@@ -222,7 +228,7 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
             if more and policy and timed >= policy.plain_check:
                 policy.update_plain(timed, last - since)
                 since, timed = last, 0
-                choice = policy.choose()
+                choice = sync.ints([policy.choose()])[0]  # timings differ per rank: rank 0 decides
                 more = choice == 0
             if more:
                 nxt = step(y)
@@ -268,13 +274,14 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
     the next step is built and queued from the tokens just accepted before they are
     yielded, so the device is busy while the caller handles them."""
     n_out = 0
+    sync = lockstep(model)
     slack = policy.max_depth + 1
     n = None  # the depth of the next step, when already chosen
     step = None  # the next step, already queued: (depth, drafts, dists, h, logprobs, start time)
     try:
         while n_out < max_new:
             if step is None:
-                n = min(policy.choose() if n is None else n, max_new - n_out - 1)
+                n = min(sync.ints([policy.choose()])[0] if n is None else n, max_new - n_out - 1)
                 if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
                     start = len(tokens)
                     n = yield from _plain_run(
@@ -287,7 +294,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
                     slack = 0
                 step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
             n, drafts, dists, h, lp, tic = step
-            n_acc, nxt = accept(drafts, dists, lp, sampler)
+            n_acc, nxt = sync.ints(list(accept(drafts, dists, lp, sampler)))  # rank 0 decides
             rewind(cache, n - n_acc)
             step = None
             drafter.add_trunk(h[:, : n_acc + 1])
@@ -299,7 +306,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
             n = None
             left = max_new - n_out - len(new)  # tokens still wanted after these
             if left > 0:
-                n = min(policy.choose(), left - 1)
+                n = min(sync.ints([policy.choose()])[0], left - 1)
                 if n or not policy.plain_check:
                     step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
             for i, t in enumerate(new):

@@ -5,12 +5,22 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import load_config, parse_config
+from .distributed import shard
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
+from .memory import (
+    Device,
+    InsufficientMemoryError,
+    MemoryWarning,
+    Preflight,
+    assess,
+    estimate,
+    recipe_weights,
+)
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -27,6 +37,7 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 DEMO_MODEL = Path(__file__).parent / "demo"
+CONTEXT = 32768  # tokens of context the pre-flight of load() budgets KV cache for
 
 
 def resolve_path(path_or_repo: Union[str, Path, None]) -> Path:
@@ -84,6 +95,56 @@ def build(path: Path, *, recipe, dtype, mtp: bool):
     return model, args, config, keys, plan
 
 
+def preflight(
+    path: Union[str, Path, None] = None,
+    *,
+    quantize: Union[bool, QuantRecipe] = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Union[str, mx.Dtype, None] = None,
+    mtp: bool = True,
+    context: int = CONTEXT,
+    draft: Optional[bool] = None,
+    expert_cache_gb: Optional[float] = None,
+    device: Optional[Device] = None,
+    group: Optional[mx.distributed.Group] = None,
+) -> Preflight:
+    """Whether loading `path` as `load()` would (same arguments) and generating `context`
+    tokens fits this machine, from the config and the index alone; see `memory.assess`.
+    `draft` (default: when the MTP blocks load) adds their KV caches. With a `group`, this
+    rank's share of the weights."""
+    path = resolve_path(path)
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the checkpoint lacks or skips, load() says
+        model, args, config, _, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    if group is not None and group.size() > 1:
+        plan = shard(model, plan, group)
+    return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device)
+
+
+def _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
+    torch_dtype = config.get("torch_dtype")
+    dt = parse_dtype(dtype) or (DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None)
+    dt = dt or mx.bfloat16
+    draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
+    needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
+    device = device or Device.current()
+    if needs.total <= (device.recommended or device.memory):
+        return assess(needs, device)
+    if plan.fmt == "mlx":  # a conversion loads as converted: its own bits
+        recipe = None
+    stored = config.get("quantization") or {}
+    group = stored.get("group_size") or (recipe.group_size if recipe else 64)
+    bits = stored.get("bits") or (recipe.bits if recipe else 16)
+    smaller = {  # offered as a fix: lower --q-bits (for a conversion: reconverting)
+        b: recipe_weights(args, QuantRecipe(bits=b, group_size=group), mtp=bool(model.mtp), dtype=dt)["total"]
+        for b in (3, 4, 6, 8)
+        if b < bits
+    }
+    return assess(needs, device, smaller)
+
+
 def load(
     path: Union[str, Path, None] = None,
     *,
@@ -92,6 +153,9 @@ def load(
     q_group_size: int = 64,
     dtype: Union[str, mx.Dtype, None] = None,
     mtp: bool = True,
+    context: int = CONTEXT,
+    force: bool = False,
+    group: Optional[mx.distributed.Group] = None,
     expert_cache_gb: Optional[float] = None,
     expert_cache_policy: str = EXPERT_CACHE_POLICY,
 ) -> Tuple[Model, TokenizerWrapper]:
@@ -104,27 +168,51 @@ def load(
     converted, in its stored dtype unless `dtype` is given. With
     `mtp=False`, or a checkpoint without MTP layers, the model is trunk-only.
 
+    Before reading any weight, a memory pre-flight (see `preflight`) for `context` tokens
+    warns (MemoryWarning) when the model does not fit the GPU's working set, naming the fix,
+    and raises InsufficientMemoryError when it needs more than the machine's memory, unless
+    `force`.
+
     With `expert_cache_gb`, the routed experts of a quantized conversion stay on disk and
     are read on demand into per-layer slot pools of at most that many GB in all (see
     `expert_cache`; the output is the same as with every expert resident). A budget
     below one decoding step's working set is refused before anything is loaded.
+
+    With a `group` of N > 1 ranks (`mx.distributed.init()` under `mlx.launch`), the model is
+    tensor-parallel over it and each rank reads only its slice of the split weights (see
+    `mlx_step35.distributed`); every rank must then run the same generation calls.
     """
     path = resolve_path(path)
     cache_plan = None
+    if expert_cache_gb is not None and group is not None and group.size() > 1:
+        raise ValueError(
+            "expert_cache_gb and a distributed group cannot be combined yet: each rank "
+            "holds a slice of every expert, which the expert cache does not stream"
+        )
     if expert_cache_gb is not None:
         if expert_cache_policy not in POLICIES:
             raise ValueError(
                 f"expert_cache_policy {expert_cache_policy!r}: choose one of {', '.join(POLICIES)}"
             )
         cache_plan = plan_expert_cache(path, expert_cache_gb, mtp=mtp)
-    model, args, _, keys, plan = build(
-        path, recipe=make_recipe(quantize, q_bits, q_group_size), dtype=parse_dtype(dtype), mtp=mtp
-    )
+    recipe = make_recipe(quantize, q_bits, q_group_size)
+    model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
+    if group is not None and group.size() > 1:
+        plan = shard(model, plan, group)  # refuses an unsplittable model before reading
+    # (after sharding, the pre-flight counts this rank's weights)
+    report = _assess(model, args, config, plan, recipe, dtype, context, None, expert_cache_gb, None)
+    if report.refuse and not force:
+        raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
+    if not report.ok:
+        warnings.warn(report.text(), MemoryWarning, stacklevel=2)
     streamed = is_streamed(cache_plan) if cache_plan else None
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     weights = {}
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
         if name in weights:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
+        if name in shapes and tuple(arr.shape) != tuple(shapes[name]):
+            raise CheckpointError(f"{path}: {name} loads with shape {arr.shape}, expected {shapes[name]}")
         weights[name] = arr
     missing = plan.checkpoint_names([k for k in plan.missing(weights) if not (streamed and streamed(k))])
     if missing:

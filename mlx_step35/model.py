@@ -138,6 +138,7 @@ class MoE(nn.Module):
         self.share_expert = MLP(args.hidden_size, args.share_expert_dim, args.swiglu_limit(i, shared=True))
         self.layer = i
         self.on_route = None  # optional callback(layer, idx): expert tracing
+        self.sharding_group = None  # tensor parallel: each rank holds a slice of every expert
 
     def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
         """The routed experts plus the shared one, plus `residual` when given (fused with the sums)."""
@@ -145,7 +146,12 @@ class MoE(nn.Module):
         if self.on_route is not None:
             self.on_route(self.layer, idx)
         experts = self.switch_mlp(x, idx)  # [B, L, top_k, H]
-        return _combine(experts, chosen, self.share_expert(x), residual, self.gate.scale, self.gate.normalize)
+        shared = self.share_expert(x)
+        if self.sharding_group is None:
+            return _combine(experts, chosen, shared, residual, self.gate.scale, self.gate.normalize)
+        out = _combine(experts, chosen, shared, None, self.gate.scale, self.gate.normalize)
+        out = mx.distributed.all_sum(out, group=self.sharding_group)  # one all-sum of the partial outputs
+        return out if residual is None else residual + out
 
 
 @mx.compile

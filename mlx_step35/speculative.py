@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import rewind
+from .distributed import lockstep
 from .sampling import Sampler, process
 
 PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
@@ -161,6 +162,7 @@ class MTPDrafter:
                     dist = sampler.probs(lp)
                     tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
                     dists.append(dist)
+                tok = lockstep(self.model).array(tok)  # rank 0's draft feeds the next block on every rank
                 drafts.append(tok)
                 mx.async_eval(tok, dists[-1:])  # queued: block k computes while k+1 is built
         finally:  # keep only committed entries, whatever happened

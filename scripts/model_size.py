@@ -1,13 +1,16 @@
 """Size of the real Step-3.5-Flash under each quantization recipe (no weights needed).
 
 Builds the model lazily from the published config (nothing is allocated) and adds up
-the bytes every parameter would take: `python scripts/model_size.py`."""
+the bytes every parameter would take: `python scripts/model_size.py`. With
+`--preflight-table`, the memory pre-flight of `load()` / `generate.py` on 64, 128 and
+192 GB Macs (README's table)."""
 
-import mlx.core as mx
+import argparse
+
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_step35.config import parse_config
+from mlx_step35.memory import Device, assess, estimate, gb, recipe_weights
 from mlx_step35.model import Model
 from mlx_step35.weights import QuantRecipe
 
@@ -42,17 +45,55 @@ def lazy_model(recipe=None) -> Model:
 
 
 def sizes(recipe):
-    model = lazy_model(recipe)
-    total, experts, mtp = 0, 0, 0
-    for name, w in tree_flatten(model.parameters()):
-        b = w.size * (2 if w.dtype == mx.float32 and "router_bias" not in name else w.dtype.size)
-        total += b
-        experts += b if "switch_mlp" in name else 0
-        mtp += b if name.startswith("mtp.") else 0
-    return total, experts, mtp
+    w = recipe_weights(parse_config(REAL), recipe)
+    return w["total"], w["experts"], w["mtp"]
 
 
-if __name__ == "__main__":
+def mac(memory_gb: int) -> Device:
+    """A Mac as Metal describes it with the default wired limit: the GPU's recommended working
+    set is 3/4 of memory above 36 GB, 2/3 below (macOS's default, as commonly reported)."""
+    memory = memory_gb << 30
+    return Device(memory, memory * 3 // 4 if memory_gb > 36 else memory * 2 // 3)
+
+
+def preflight_table(bits=(3, 4, 8), macs=(64, 128, 192), context=32768) -> str:
+    """The pre-flight of the real model (MTP blocks loaded, drafting) at each --q-bits on each Mac."""
+    args = parse_config(REAL)
+    weights = {b: recipe_weights(args, QuantRecipe(bits=b))["total"] for b in sorted({3, 4, 6, *bits})}
+    rows = [
+        f"| weights | needs ({context // 1024}K context) | " + " | ".join(f"{m} GB Mac" for m in macs) + " |",
+        "|---" * (2 + len(macs)) + "|",
+    ]
+    for b in bits:
+        needs = estimate(lazy_model(QuantRecipe(bits=b)), args, context=context, draft=True)
+        smaller = {x: w for x, w in weights.items() if x < b}
+        cells = [_cell(assess(needs, mac(m), smaller)) for m in macs]
+        rows.append(f"| {b}-bit | {gb(needs.total)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _cell(report) -> str:
+    """A short table cell: fits, the sysctl, or 'no' and the first fix."""
+    if report.ok:
+        return "fits"
+    if report.verdict == "raise-wired-limit":
+        return f"`{report.fixes[0]}`"
+    if not report.fixes:
+        return f"no: needs more than its {gb(report.device.memory)}"
+    fix = report.fixes[0]
+    if fix.startswith("--expert-cache-gb"):
+        fix = f"`{fix.split(' (')[0]}` (experts from disk)"
+    elif "-bit weights" in fix:  # "B-bit weights (...): --q-bits B (...) fits ..."
+        fix = f"`--q-bits {fix.split('-bit')[0]}`{fix.rsplit(')', 1)[-1]}"
+    return f"no; {fix}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preflight-table", action="store_true", help="the README's memory pre-flight table")
+    if ap.parse_args().preflight_table:
+        print(preflight_table())
+        return
     print("| weights | total GB | routed experts GB | MTP blocks GB |")
     print("|---|---|---|---|")
     for label, r in [("bf16", None)] + [
@@ -60,3 +101,7 @@ if __name__ == "__main__":
     ]:
         t, e, m = sizes(r)
         print(f"| {label} | {t / 1e9:.1f} | {e / 1e9:.1f} | {m / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -182,7 +182,10 @@ def serve(
     store = None
     if prompt_cache_gb > 0:
         store = PromptCacheStore(
-            model, int(prompt_cache_gb * 1e9), draft_mtp=model.num_mtp > 0, directory=prompt_cache_dir
+            model,
+            int(prompt_cache_gb * 1e9),
+            draft_mtp=settings.draft_mtp and model.num_mtp > 0,
+            directory=prompt_cache_dir,
         )
     engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store)
     app = create_app(engine, settings)

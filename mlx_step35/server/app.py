@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import MAX_TOKENS, NUM_DRAFT
+from ..memory import wired_limit
 from ..sampling import Sampler, make_logits_processors, make_sampler
 from .chat import serve_chat
 from .engine import Engine, Failed, Finished, GenRequest, Piece, QueueFull
@@ -185,7 +186,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        yield
+        with wired_limit(engine.model):  # on Metal the weights stay wired for the server's whole life
+            yield
         engine.shutdown()
         pool.shutdown(wait=False)
 

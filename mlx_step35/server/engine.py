@@ -205,7 +205,9 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         pc, prompt = None, request.prompt
-        if self.prompt_cache is not None:
+        if self.prompt_cache is not None and (self.prompt_cache.draft_mtp or not request.draft_mtp):
+            # (a server started with --no-draft-mtp keeps no MTP state: a request that drafts
+            # anyway runs without the cache)
             pc, prompt = self.prompt_cache.acquire(request.prompt)
         gen = stream_generate(
             self.model,
