@@ -9,6 +9,7 @@ tokens is exact at any offset.
 from typing import List
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache
 
 
@@ -67,10 +68,14 @@ class SlidingKVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
         if self._in_place(n):
+            # slots first.. (wrapping once at most): slice updates, no index arrays to build
             first = self.offset % self.capacity
-            idx = (mx.arange(n) + first) % self.capacity
-            self.keys[:, :, idx] = keys
-            self.values[:, :, idx] = values
+            head = min(n, self.capacity - first)
+            self.keys[:, :, first : first + head] = keys[:, :, :head]
+            self.values[:, :, first : first + head] = values[:, :, :head]
+            if head < n:
+                self.keys[:, :, : n - head] = keys[:, :, head:]
+                self.values[:, :, : n - head] = values[:, :, head:]
             self.offset += n
             self.stored = min(self.stored + n, self.capacity)
             return self.keys, self.values
@@ -86,9 +91,14 @@ class SlidingKVCache:
         """Valid entries in position order, or (None, None)."""
         if self.keys is None or self.stored == 0:
             return None, None
-        first = (self.offset - self.stored) % self.capacity
-        idx = (mx.arange(self.stored) + first) % self.keys.shape[2]
-        return self.keys[:, :, idx], self.values[:, :, idx]
+        first = (self.offset - self.stored) % self.keys.shape[2]
+        end = first + self.stored
+        if end <= self.keys.shape[2]:  # one run of slots: a view
+            return self.keys[:, :, first:end], self.values[:, :, first:end]
+        end -= self.keys.shape[2]
+        return tuple(
+            mx.concatenate([a[:, :, first:], a[:, :, :end]], axis=2) for a in (self.keys, self.values)
+        )
 
     def _store(self, keys: mx.array, values: mx.array):
         # keys hold positions offset-stored .. offset-1; lay them out at slot p % capacity
@@ -105,15 +115,16 @@ class SlidingKVCache:
         in_place = self._in_place(n)
         if in_place and n == 1 and self.capacity <= self.window and self.stored + n >= self.capacity:
             return None  # one query, every slot valid and inside its window (plain decoding)
-        q = mx.arange(self.offset, self.offset + n)[:, None]
+        # built on the host from Python ints: a constant input of the step, no kernels
+        q = np.arange(self.offset, self.offset + n)[:, None]
         if not in_place:
-            k = mx.arange(self.offset - self.stored, self.offset + n)[None]
-            return (k <= q) & (q - k < self.window)
+            k = np.arange(self.offset - self.stored, self.offset + n)[None]
+            return mx.array((k <= q) & (q - k < self.window))
         end = self.offset + n  # offset and stored after the update
         stored = min(self.stored + n, self.capacity)
-        slots = mx.arange(self.capacity)
+        slots = np.arange(self.capacity)
         k = (end - 1 - (end - 1 - slots) % self.capacity)[None]  # newest position in each slot
-        return (k >= end - stored) & (k <= q) & (q - k < self.window)
+        return mx.array((k >= end - stored) & (k <= q) & (q - k < self.window))
 
     def can_trim(self, n: int) -> bool:
         # the window of the next query must still be complete after the rewind

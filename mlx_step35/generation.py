@@ -189,6 +189,15 @@ def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
     return h
 
 
+def plain_step(model, y, cache, sampler, processors=None, hist=None):
+    """The graph of one plain decoding step on token y [1] (hist: the tokens before y and y,
+    for the processors): (next token [1] uint32 as samplers give it, its logprobs [V], hidden
+    states [1, 1, H])."""
+    h = model.hidden(y[None], cache)
+    lp = process(model.logits(h)[:, -1], hist, processors)
+    return sampler(lp), lp.squeeze(0), h  # squeeze: a view, where lp[0] is a gather
+
+
 def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, policy=None, stats=None):
     """Plain decoding of up to `count` tokens after tokens[-1] (verified, not yet through
     the trunk), pipelined: the next step's graph is built while this one computes.
@@ -196,18 +205,17 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     and is asked for the next depth; it is asked before the next pass is queued, from the
     tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
     depth that ended the run, or None when `count` tokens are out."""
-    hist = mx.array(tokens[:-1], dtype=mx.int32)
+    hist = mx.array(tokens[:-1], dtype=mx.uint32)  # the samplers' dtype: no casts per step
     sync = lockstep(model)
 
     def step(y):
         nonlocal hist
-        h = model.hidden(y[None], cache)
         if processors:
             hist = mx.concatenate([hist, y])
-        lp = process(model.logits(h)[:, -1], hist, processors)
-        return sync.array(sampler(lp).astype(mx.int32)), lp[0], h
+        tok, lp, h = plain_step(model, y, cache, sampler, processors, hist)
+        return sync.array(tok), lp, h  # rank 0's token on every rank (tensor parallel)
 
-    nxt = step(mx.array(tokens[-1:], dtype=mx.int32))
+    nxt = step(mx.array(tokens[-1:], dtype=mx.uint32))
     mx.async_eval(nxt)
     since = last = time.perf_counter()
     timed = 0  # tokens out since `since`
@@ -241,6 +249,21 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     finally:  # closed early: the caches hold the queued pass, so the drafter gets its row
         if drafter and queued is not None:
             drafter.add_trunk(queued)
+
+
+def verify_step(model, tokens, drafts, cache, processors=None):
+    """The graph of one trunk pass over [tokens[-1], d_1..d_n]: (hidden states [1, n+1, H],
+    logprobs [n+1, V] of the token after each)."""
+    inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
+    h = model.hidden(inp[None], cache)
+    logits = model.logits(h).squeeze(0)
+    if not processors:
+        return h, process(logits, None, None)
+    hist = mx.array(tokens, dtype=mx.int32)
+    rows = [
+        process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors) for i in range(len(inp))
+    ]
+    return h, mx.concatenate(rows)
 
 
 def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max_new, stats):
@@ -303,17 +326,7 @@ def _queue_step(model, tokens, cache, drafter, n, sampler, processors):
     drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
     if n:
         mx.async_eval(drafts, dists)
-    inp = mx.concatenate([mx.array(tokens[-1:], dtype=mx.int32), drafts])
-    h = model.hidden(inp[None], cache)  # verify: one trunk pass over [last, d_1..d_n]
-    logits = model.logits(h)[0]
-    if processors:
-        hist = mx.array(tokens, dtype=mx.int32)
-        lp = mx.concatenate(
-            [process(logits[i : i + 1], mx.concatenate([hist, drafts[:i]]), processors) for i in range(n + 1)]
-        )
-    else:
-        lp = logits.astype(mx.float32)
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    h, lp = verify_step(model, tokens, drafts, cache, processors)
     mx.async_eval(lp)
     return n, drafts, dists, h, lp, tic
 

@@ -5,15 +5,17 @@ mlx-lm) and the checkpoint's own names inside the MTP blocks. Norm weights hold 
 effective scale (1 + w of the zero-centred checkpoint); the loader does that once.
 """
 
+from functools import lru_cache
 from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
-from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from .cache import FullKVCache, SlidingKVCache
 from .config import ModelArgs
@@ -33,14 +35,33 @@ class MLP(nn.Module):
         return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
 
 
+# The MoE in few kernels, in mlx-lm's order of operations and dtypes. Routing weight of
+# expert e: w_e = scale * sigmoid(g_e) / S with S the sum of sigmoid(g) over the chosen experts
+# (S = 1 without norm_expert_weight). The router hands over the chosen experts' raw gate
+# logits; `_combine` takes the weights, the weighted sum, the shared expert and the residual
+# add in 5 kernels for any top_k (sums as reductions: a fused chain of top_k adds outgrows
+# MLX's fusion depth and splits into many kernels at top_k = 8).
+
+
 @mx.compile
-def _route(logits, bias, top_k: int, scale: float, normalize: bool):
-    scores = mx.sigmoid(logits.astype(mx.float32))  # [B, L, E]
-    idx = mx.argpartition(-(scores + bias), kth=top_k - 1, axis=-1)[..., :top_k]  # [B, L, top_k]
-    weights = mx.take_along_axis(scores, idx, axis=-1)  # unbiased scores of the chosen experts
+def _route(logits, bias, top_k: int):
+    """Top-k experts by biased sigmoid score (fp32): indices and their raw logits, [B, L, top_k]."""
+    idx = mx.argpartition(-(mx.sigmoid(logits.astype(mx.float32)) + bias), kth=top_k - 1, axis=-1)
+    idx = idx[..., :top_k]
+    return idx, mx.take_along_axis(logits, idx, axis=-1)
+
+
+@mx.compile
+def _combine(experts, chosen, shared, residual, scale: float, normalize: bool):
+    """[residual +] (sum over k of experts[..., k, :] * w_k in fp32, rounded to the model's
+    dtype) + shared; experts [B, L, top_k, H], chosen [B, L, top_k]."""
+    w = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
+    wide = mx.broadcast_to(w[..., None], experts.shape)  # broadcast first: one fused kernel below
     if normalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    return idx, weights * scale
+        wide = wide / w.sum(axis=-1, keepdims=True)[..., None]
+    routed = (experts * (wide * scale)).sum(axis=-2)
+    out = routed.astype(shared.dtype) + shared
+    return out if residual is None else residual + out
 
 
 class MoEGate(nn.Module):
@@ -53,15 +74,62 @@ class MoEGate(nn.Module):
         self.router_bias = mx.zeros((args.moe_num_experts,), dtype=mx.float32)
 
     def __call__(self, x: mx.array):
-        return _route(self.gate(x), self.router_bias, self.top_k, self.scale, self.normalize)
+        """(indices of the chosen experts, their raw gate logits), [B, L, top_k]."""
+        return _route(self.gate(x), self.router_bias, self.top_k)
+
+
+class DecodeSwitchGLU(SwitchGLU):
+    """mlx-lm's SwitchGLU (same parameters, same results) whose few-token calls (decoding,
+    verifying) give the gathered matmuls their row indices as constants: without them each
+    gather_qmm builds an arange, one more kernel per call. Many tokens take mlx-lm's
+    expert-sorted path."""
+
+    def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
+        if idx.size >= 64:
+            return super().__call__(x, idx)
+        token_rows, rows = _gather_rows(*idx.shape)
+        x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
+        up = _switch_linear(self.up_proj, x, token_rows, idx)  # [B, L, K, 1, I]
+        gate = _switch_linear(self.gate_proj, x, token_rows, idx)
+        return _switch_linear(self.down_proj, self.activation(up, gate), rows, idx).squeeze(-2)
+
+
+@lru_cache(maxsize=32)
+def _gather_rows(B: int, L: int, K: int):
+    """Row indices for the experts' gathered matmuls, [B, L, K]: the token's row of x, and
+    each (token, expert) pair's own row; built once per shape, on the host."""
+    rows = np.arange(B * L * K, dtype=np.uint32).reshape(B, L, K)
+    return mx.array(rows // K), mx.array(rows)
+
+
+def _switch_linear(layer, x, rows, idx):
+    """One of SwitchGLU's projections with explicit row indices (without them, gather_qmm
+    builds an arange: one more kernel per call)."""
+    if "bias" in layer:
+        return layer(x, idx)
+    if isinstance(layer, QuantizedSwitchLinear):
+        return mx.gather_qmm(
+            x,
+            layer["weight"],
+            layer["scales"],
+            layer.get("biases"),
+            lhs_indices=rows,
+            rhs_indices=idx,
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+            global_scale=getattr(layer, "global_scale", None),
+        )
+    return mx.gather_mm(x, layer["weight"].swapaxes(-1, -2), lhs_indices=rows, rhs_indices=idx)
 
 
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
-        limit = args.swiglu_limit(i, shared=False)
         self.gate = MoEGate(args)
-        self.switch_mlp = SwitchGLU(
+        limit = args.swiglu_limit(i, shared=False)
+        self.switch_mlp = DecodeSwitchGLU(
             args.hidden_size,
             args.moe_intermediate_size,
             args.moe_num_experts,
@@ -72,16 +140,24 @@ class MoE(nn.Module):
         self.on_route = None  # optional callback(layer, idx): expert tracing
         self.sharding_group = None  # tensor parallel: each rank holds a slice of every expert
 
-    def __call__(self, x: mx.array) -> mx.array:
-        idx, weights = self.gate(x)  # [B, L, top_k]
+    def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """The routed experts plus the shared one, plus `residual` when given (fused with the sums)."""
+        idx, chosen = self.gate(x)
         if self.on_route is not None:
             self.on_route(self.layer, idx)
-        routed = self.switch_mlp(x, idx)  # [B, L, top_k, H]
-        routed = (routed * weights[..., None]).sum(axis=-2)  # fp32 weights: sum in fp32
-        out = routed.astype(x.dtype) + self.share_expert(x)
-        if self.sharding_group is not None:  # one all-sum of the partial routed + shared outputs
-            out = mx.distributed.all_sum(out, group=self.sharding_group)
-        return out
+        experts = self.switch_mlp(x, idx)  # [B, L, top_k, H]
+        shared = self.share_expert(x)
+        if self.sharding_group is None:
+            return _combine(experts, chosen, shared, residual, self.gate.scale, self.gate.normalize)
+        out = _combine(experts, chosen, shared, None, self.gate.scale, self.gate.normalize)
+        out = mx.distributed.all_sum(out, group=self.sharding_group)  # one all-sum of the partial outputs
+        return out if residual is None else residual + out
+
+
+@mx.compile
+def _head_gate(out, g):
+    """out [B, L, heads, head_dim] times sigmoid(g [B, L, heads]) per head, in one kernel."""
+    return out * mx.sigmoid(mx.broadcast_to(g[..., None], out.shape))
 
 
 class Attention(nn.Module):
@@ -121,7 +197,7 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
         if self.use_gate:
-            out = out * mx.sigmoid(self.g_proj(x))[..., None]
+            out = _head_gate(out, self.g_proj(x))
         return self.o_proj(out.reshape(B, L, -1))
 
 
@@ -140,6 +216,8 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if isinstance(self.mlp, MoE):
+            return self.mlp(self.post_attention_layernorm(h), residual=h)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
