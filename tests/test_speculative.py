@@ -53,7 +53,9 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     assert spec == plain
     if num_draft != "auto":  # (auto drafts only where it pays: see the tests below)
         assert len(stats.drafted) == num_draft
-    if which == "mixed_model":  # really exercises partial acceptance and rewinds
+    if which == "mixed_model" and num_draft != "auto":  # partial acceptance and rewinds
+        # (auto's depths follow measured step times: whether it drafts here depends on the
+        # machine's load, so its rewinds are exercised by the patched-policy tests below)
         assert 0 < stats.accepted[0] < stats.drafted[0]
         assert stats.verify_steps < GEN - 1
 
