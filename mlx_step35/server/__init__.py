@@ -2,12 +2,14 @@
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..cli import ArgumentParser, user_errors
+from ..distributed import exit_when_terminated, follow, peer_errors, world
 from ..expert_cache import add_expert_cache_arguments
 from ..generation import MAX_DRAFT, NUM_DRAFT
 from ..prompt_cache import PromptCacheStore, default_store_gb
@@ -92,10 +94,18 @@ def main(argv=None):
     if a.top_k < 0 or a.temp < 0 or not 0 <= a.top_p <= 1 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 <= --top-p <= 1, 0 <= --min-p <= 1 and --top-k >= 0")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:  # before loading (minutes for the real model): a busy port fails now
-        sock = bind(a.host, a.port)
-    except OSError as e:
-        p.error(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}")
+    group = world()  # started by mlx.launch with several ranks: tensor parallel, rank 0 serves
+    rank = group.rank() if group is not None else 0
+    if group is not None:
+        if a.expert_cache_gb is not None:
+            p.error("--expert-cache-gb cannot be combined with tensor parallelism (mlx.launch)")
+        exit_when_terminated(f"{p.prog}: error: rank {rank}: stopped, another rank exited")
+    sock = None
+    if rank == 0:
+        try:  # before loading (minutes for the real model): a busy port fails now
+            sock = bind(a.host, a.port)
+        except OSError as e:
+            p.error(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}")
     with user_errors(p.prog):
         from ..loading import load
 
@@ -107,8 +117,13 @@ def main(argv=None):
                 plan_expert_cache(resolve_path(a.model), a.expert_cache_gb).describe()
             )
         model, tokenizer = load(
-            a.model, expert_cache_gb=a.expert_cache_gb, expert_cache_policy=a.expert_cache_policy
+            a.model, expert_cache_gb=a.expert_cache_gb, expert_cache_policy=a.expert_cache_policy, group=group
         )
+    if rank != 0:  # the other ranks run each request rank 0 shares, until it stops
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 shuts down, then tells them
+        with user_errors(p.prog), peer_errors(rank):
+            follow(model, tokenizer)
+        return
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else DEMO_ID)
     settings = Settings(
         model_id=name,
@@ -131,8 +146,9 @@ def main(argv=None):
         sock=sock,
         max_queue=a.max_queue,
         log_level=a.log_level,
-        prompt_cache_gb=a.prompt_cache_gb,
+        prompt_cache_gb=0 if group is not None else a.prompt_cache_gb,  # (not across ranks yet)
         prompt_cache_dir=a.prompt_cache_dir,
+        distributed=group is not None,
     )
 
 
@@ -161,6 +177,7 @@ def serve(
     log_level="INFO",
     prompt_cache_gb: float = 0.0,
     prompt_cache_dir=None,
+    distributed: bool = False,
 ):
     """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking).
     With `prompt_cache_gb` > 0, conversations' caches are reused across requests."""
@@ -175,7 +192,7 @@ def serve(
             draft_mtp=settings.draft_mtp and model.num_mtp > 0,
             directory=prompt_cache_dir,
         )
-    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store)
+    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store, distributed=distributed)
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5

@@ -281,11 +281,12 @@ class Context:
         top_k = pick(req.top_k, s.top_k)
         if top_k > vocab:
             raise RequestError(f"top_k must be at most the vocabulary size {vocab}", "top_k")
-        procs = make_logits_processors(
+        penalties = dict(
             repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty or None,
             frequency_penalty=req.frequency_penalty or None,
         )
+        procs = make_logits_processors(**penalties)
         return GenRequest(
             prompt=prompt,
             max_tokens=min(room, max_tokens or s.max_tokens),
@@ -296,6 +297,7 @@ class Context:
                 max(top_k, 0),
             ),
             processors=procs or None,
+            penalties={k: v for k, v in penalties.items() if v},
             draft_mtp=draft_mtp,
             num_draft=num_draft,
             seed=req.seed,

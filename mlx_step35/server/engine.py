@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional, Union
 
 import mlx.core as mx
 
+from ..distributed import request_kwargs, share_request
 from ..generation import GenerationResponse, stream_generate
 from ..sampling import Sampler
 from ..speculative import SpecStats
@@ -33,6 +34,21 @@ class GenRequest:
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs; 0: the chosen token's only
     checkpoints: List[int] = field(default_factory=list)  # prompt positions the prompt cache snapshots
+    penalties: dict = field(default_factory=dict)  # repetition/presence/frequency_penalty given
+
+    def shared(self) -> dict:
+        """The request as `distributed.request_kwargs` takes it (tensor-parallel ranks)."""
+        s = self.sampler
+        return dict(
+            prompt=list(self.prompt),
+            max_tokens=self.max_tokens,
+            sampler=dict(temp=s.temp, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k),
+            draft_mtp=self.draft_mtp,
+            num_draft=self.num_draft,
+            stop_strings=list(self.stop),
+            seed=self.seed,
+            **self.penalties,
+        )
 
 
 @dataclass
@@ -141,10 +157,23 @@ class StopStrings:
 class Engine:
     """Owns the model; runs queued jobs one at a time on its own thread."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = MAX_QUEUE, metrics=None, prompt_cache=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_queue: int = MAX_QUEUE,
+        metrics=None,
+        prompt_cache=None,
+        distributed=False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
+        # Tensor parallel (rank 0 of an mlx.launch group): each request is shared with the other
+        # ranks, which run the same generation (distributed.follow); every generation then runs
+        # to its end (a stop string ends it on every rank), even if its client has left.
+        self.distributed = distributed
         self.prompt_cache = prompt_cache  # a PromptCacheStore, or None: every prompt from scratch
         self.cached_tokens = 0  # of the job being served
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
@@ -202,6 +231,9 @@ class Engine:
         """Where a request's prompt meets its cache: the prompt cache store hands out the
         conversation sharing the longest prefix, and gets it back when the generation ends
         (not after an error: its state is then unknown). Runs on the generation thread."""
+        if self.distributed:
+            shared = share_request(self.model, request.shared())
+            return stream_generate(self.model, self.tokenizer, **request_kwargs(shared))
         if request.seed is not None:
             mx.random.seed(request.seed)
         pc, prompt = None, request.prompt
@@ -242,6 +274,8 @@ class Engine:
         while True:
             job = self.queue.get()
             if job is None:
+                if self.distributed:
+                    share_request(self.model, None)  # the other ranks stop following
                 return
             if job.cancelled.is_set():
                 continue
@@ -282,7 +316,7 @@ class Engine:
                 job.emit(Piece(text, [r.token], lps))
                 if finish:
                     break
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() and not self.distributed:
                     finish = "cancelled"
                     break
         finally:
