@@ -159,7 +159,6 @@ class PromptCache:
         self.history = list(tokens)
         self.tokens = list(tokens[: self.cache[0].offset])
         if self.drafter is not None:
-            self.drafter._trunk_rows()
             if self.drafter.done[0] != len(self.tokens):
                 raise RuntimeError("prompt cache: the drafter and the trunk caches disagree")
         self.checkpoint()
@@ -399,11 +398,15 @@ class PromptCacheStore:
 
     def _to_disk(self, pc: PromptCache):
         last = max(pc.checkpoints)
-        keep = [p for p in pc.checkpoints if p < last and p <= len(pc.tokens) - 1]
-        for pos in {last, *(keep[-1:] if keep else [])}:
-            name = hashlib.sha256(json.dumps(pc.tokens[:pos]).encode()).hexdigest()[:24]
+        before = max((p for p in pc.checkpoints if p < last and p <= len(pc.tokens) - 1), default=None)
+        for pos in {last, before} - {None}:
+            key = self._fingerprint + json.dumps(pc.tokens[:pos])
+            f = self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+            if f.exists():  # the same model and tokens: the same state, already written
+                os.utime(f)  # (most recently used: evicted last)
+                continue
             try:
-                save_prompt_cache(self.dir / f"{name}.safetensors", pc.at(pos))
+                save_prompt_cache(f, pc.at(pos))
             except OSError as e:  # a full disk loses a cache file, never an answer
                 warnings.warn(f"prompt cache: could not write {self.dir}: {e}", stacklevel=2)
         files = sorted(self._files(), key=lambda f: f.stat().st_mtime)
