@@ -4,8 +4,12 @@ Each run is a fresh subprocess that imports both packages, then times only the l
 model's arrays evaluated). Arms run interleaved, round by round (A B C, A B C, ...), so a machine
 shared with other work slows all arms alike; the summary is the median of per-round ratios to
 mlx-lm with a 95% bootstrap interval, for wall time and for the process's CPU time (all
-threads; less sensitive than wall time to other work on the machine). Peak anonymous memory (RssAnon, polled every 5 ms by the
-parent: the process's own heap, not the page cache of the shards) and VmHWM as in memory.py.
+threads; less sensitive than wall time to other work on the machine). Peak anonymous memory
+(RssAnon, polled every 5 ms by the parent: the process's own heap, not the page cache of the
+shards) and VmHWM as in memory.py. Python's garbage collections during the load are counted by
+generation (`gc.callbacks`): a full (generation-2) one walks every object the imports made and
+costs about 0.1 s here, so a load that allocates more Python objects can pay it where another
+does not.
 
 Arms: `ours` (this checkout), `mlx_lm` (mlx_lm.load on the same folder), and optionally `before`
 (`--before DIR`: another checkout of mlx_step35, e.g. the main branch, for a before/after).
@@ -29,12 +33,17 @@ MB = 1 << 20
 SHAPE = dict(WIDE, num_hidden_layers=18, moe_num_experts=64, moe_intermediate_size=512, share_expert_dim=512)
 
 CHILD = r"""
-import json, sys, time
+import gc, json, sys, time
 arm, path = sys.argv[1], sys.argv[2]
 import mlx.core as mx
 import mlx_lm
 import mlx_step35
 from mlx.utils import tree_flatten
+collections = [0, 0, 0]  # garbage collections during the load, by generation
+def count(phase, info):
+    if phase == "start":
+        collections[info["generation"]] += 1
+gc.callbacks.append(count)
 t, cpu = time.perf_counter(), time.process_time()
 if arm == "mlx_lm":
     model, _ = mlx_lm.load(path)
@@ -42,10 +51,12 @@ else:
     model, _ = mlx_step35.load(path)  # an HF checkpoint: quantized to 4 bits while loading
 mx.eval(model.parameters())
 seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+gc.callbacks.clear()
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({
     "seconds": seconds,
     "cpu": cpu,
+    "collections": collections,
     "maxrss": int(status["VmHWM"].split()[0]) * 1024,
     "mlx_peak": mx.get_peak_memory(),
     "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
@@ -103,9 +114,10 @@ def main():
     print(f"{a.rounds} interleaved rounds, fresh process per run, 1 warm-up run per arm first")
     head = f"ratio to {base_arm}, median (95% CI)"
     print(
-        f"| arm | wall s, median (min-max) | wall {head} | CPU s, median | CPU {head} | peak anon MiB | VmHWM MiB |"
+        f"| arm | wall s, median (min-max) | wall {head} | CPU s, median | CPU {head} | peak anon MiB | VmHWM MiB "
+        "| GCs per load, gen 0/1/2 (runs with a full GC) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
         cells = [arm]
         for field in ("seconds", "cpu"):
@@ -115,6 +127,8 @@ def main():
             spread = f" ({min(xs):.3f}-{max(xs):.3f})" if field == "seconds" else ""
             cells += [f"{median(xs):.3f}{spread}", f"{median(ratios):.3f} ({lo:.3f}-{hi:.3f})"]
         cells += [f"{median([x[k] for x in runs[arm]]) / MB:.0f}" for k in ("peak_anon", "maxrss")]
+        gcs = "/".join(f"{median([x['collections'][g] for x in runs[arm]]):g}" for g in range(3))
+        cells.append(f"{gcs} ({sum(x['collections'][2] > 0 for x in runs[arm])}/{a.rounds})")
         print("| " + " | ".join(cells) + " |")
     print(f"model: {runs['ours'][0]['model_bytes'] / MB:.0f} MiB of parameters")
     print("modules: " + ", ".join(f"{arm}: {runs[arm][0]['module']}" for arm in arms))

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -196,6 +195,20 @@ def load(
             )
         cache_plan = plan_expert_cache(path, expert_cache_gb, mtp=mtp)
     recipe = make_recipe(quantize, q_bits, q_group_size)
+    model, args = _read_model(path, recipe, dtype, mtp, context, force, group, expert_cache_gb, cache_plan)
+    if cache_plan:
+        attach_expert_cache(model, cache_plan, dtype=parse_dtype(dtype), policy=expert_cache_policy)
+    model.eval()
+    # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
+    # would later be computed on the loading thread's stream, which another thread cannot use.
+    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
+    return model, tokenizer_of(path, args)
+
+
+def _read_model(path, recipe, dtype, mtp, context, force, group, expert_cache_gb, cache_plan):
+    """(model with the checkpoint's weights, its args): built, sharded over `group`, checked by
+    the pre-flight, then every tensor read into its place. The plan and the shard headers are
+    dropped on return, before the tokenizer loads."""
     model, args, config, keys, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
     if group is not None and group.size() > 1:
         plan = shard(model, plan, group)  # refuses an unsplittable model before reading
@@ -204,29 +217,37 @@ def load(
     if report.refuse and not force:
         raise InsufficientMemoryError(report.text() + "\n(force=True loads anyway)")
     if not report.ok:
-        warnings.warn(report.text(), MemoryWarning, stacklevel=2)
+        warnings.warn(report.text(), MemoryWarning, stacklevel=3)
     streamed = is_streamed(cache_plan) if cache_plan else None
-    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    weights = {}
+    seen = set()
     for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
-        if name in weights:
+        if name in seen:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
-        if name in shapes and tuple(arr.shape) != tuple(shapes[name]):
-            raise CheckpointError(f"{path}: {name} loads with shape {arr.shape}, expected {shapes[name]}")
-        weights[name] = arr
-    missing = plan.checkpoint_names([k for k in plan.missing(weights) if not (streamed and streamed(k))])
+        seen.add(name)
+        _put(model, path, name, arr)
+    missing = plan.checkpoint_names([k for k in plan.missing(seen) if not (streamed and streamed(k))])
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
-    model.update(tree_unflatten(list(weights.items())), strict=False)
-    del weights
-    if cache_plan:
-        attach_expert_cache(model, cache_plan, dtype=parse_dtype(dtype), policy=expert_cache_policy)
-    model.eval()
-    # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
-    # would later be computed on the loading thread's stream, which another thread cannot use.
-    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
-    return model, tokenizer_of(path, args)
+    return model, args
+
+
+def _put(model, path: Path, name: str, arr: mx.array):
+    """Set parameter `name` (a dotted path, list items by index) of `model` to `arr` in place: no
+    tree of the weights is built."""
+    *parents, leaf = name.split(".")
+    node = model
+    try:
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        current = node[leaf]
+    except (KeyError, IndexError, ValueError, TypeError):
+        current = None
+    if not isinstance(current, mx.array):
+        raise CheckpointError(f"{path}: {name} is not a parameter of the model")
+    if current.shape != arr.shape:
+        raise CheckpointError(f"{path}: {name} loads with shape {arr.shape}, expected {current.shape}")
+    node[leaf] = arr
 
 
 def tokenizer_of(path: Path, args) -> TokenizerWrapper:

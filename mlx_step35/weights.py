@@ -106,15 +106,22 @@ def to_storage(internal: str, args: ModelArgs) -> str:
     return internal
 
 
-def checkpoint_keys(path: Path) -> Dict[str, Path]:
-    """Every tensor key -> its shard, from the index or the shard headers; every header and the
-    index are validated here, before anything is built or read."""
-    readers = open_shards(path)
-    keys = {}
-    for reader in readers:  # a key in two shards is refused while streaming
-        for key in reader.keys():
-            keys.setdefault(key, reader.path)
-    return keys
+class CheckpointKeys(dict):
+    """Every tensor key -> its shard's path; `readers` are the validated shards the keys come
+    from, which `stream` reads, so each header is parsed once per load."""
+
+    def __init__(self, readers: List[ShardReader]):
+        super().__init__()
+        self.readers = readers
+        for reader in readers:  # a key in two shards is refused while streaming
+            for key in reader.tensors:
+                self.setdefault(key, reader.path)
+
+
+def checkpoint_keys(path: Path) -> CheckpointKeys:
+    """Every tensor key -> its shard, from the shard headers; every header and the index are
+    validated here, before anything is built or read."""
+    return CheckpointKeys(open_shards(path))
 
 
 def has_mtp_weights(keys, args: ModelArgs, nested: bool) -> bool:
@@ -131,14 +138,16 @@ class WeightPlan:
         self.dtype = dtype
         self.cast = model.cast_predicate
         self.shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
-        self.norms = {p for p, m in model.named_modules() if isinstance(m, nn.RMSNorm)}
+        # zero-centred norms (an HF checkpoint's) become 1 + w; a conversion's already are
+        hf = self.fmt == "hf"
+        self.norms = {p for p, m in model.named_modules() if isinstance(m, nn.RMSNorm)} if hf else set()
         stored_quant = config.get("quantization") or {}
-        internal_keys = {to_internal(k, args, self.nested) for k in keys}
+        scales = {to_internal(k, args, self.nested) for k in keys if k.endswith(".scales")}
         self.quant = {}  # module path -> quantization params
         self.prequant = set()  # modules stored already quantized in the checkpoint
 
         def predicate(path, module):
-            if f"{path}.scales" in internal_keys:  # already quantized in the checkpoint
+            if f"{path}.scales" in scales:  # already quantized in the checkpoint
                 self.prequant.add(path)
                 params = stored_quant.get(path)
                 if params is None:
@@ -269,7 +278,8 @@ def stream(
     `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars); tensors whose
     internal key satisfies `skip` are not read (experts streamed by the expert cache)."""
     wanted = None if only is None else {str(f) for f in only}
-    for reader in open_shards(path):
+    readers = keys.readers if isinstance(keys, CheckpointKeys) else open_shards(path)
+    for reader in readers:
         if wanted is not None and str(reader.path) not in wanted:
             continue
         batch = []  # a conversion's shard: MLX reads it in one evaluation (as mlx_lm.load does)
@@ -293,6 +303,8 @@ def stream(
 
 
 def warn_unused(keys, args, nested):
+    if not nested:
+        return  # Step-3.5 skips only RoPE buffers, recomputed from the config: nothing to say
     skipped = [k for k in keys if to_internal(k, args, nested) is None]
-    if skipped and nested:
+    if skipped:
         warnings.warn(f"skipping {len(skipped)} tensor(s) not used here ({SKIPPED_37})", stacklevel=3)

@@ -237,6 +237,17 @@ def test_load_mtp_false(tiny_ckpt, f32_model, tokens):
         model.mtp_logits(x)
 
 
+def test_each_shard_header_is_parsed_once(tiny_ckpt, monkeypatch):
+    """The headers validated before the model is built are the ones the tensors are read with."""
+    import mlx_step35.safetensors_io as S
+
+    parsed, real = [], S.read_header
+    monkeypatch.setattr(S, "read_header", lambda path: parsed.append(path.name) or real(path))
+    load(tiny_ckpt, quantize=False, dtype="float32")
+    shards = sorted(f.name for f in tiny_ckpt.glob("model*.safetensors"))
+    assert len(shards) > 1 and sorted(parsed) == shards
+
+
 # ---------------------------------------------------------------------------------------------
 # zero-centred norms become 1 + w exactly once
 
