@@ -220,7 +220,8 @@ def _read_model(path, recipe, dtype, mtp, context, force, group, expert_cache_gb
         warnings.warn(report.text(), MemoryWarning, stacklevel=3)
     streamed = is_streamed(cache_plan) if cache_plan else None
     seen = set()
-    for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed):
+    # a conversion's tensors stay lazy: load() evaluates every array at once, as mlx_lm.load does
+    for name, arr in stream(plan, path, keys, skip_mtp=not model.mtp, skip=streamed, lazy=True):
         if name in seen:
             raise CheckpointError(f"{path}: tensor {name} appears twice in the checkpoint")
         seen.add(name)

@@ -273,16 +273,19 @@ def stream(
     only=None,
     on_tensor=None,
     skip=None,
+    lazy: bool = False,
 ) -> Iterator[Tuple[str, mx.array]]:
     """Yield (internal key, evaluated array) for every checkpoint tensor the plan uses;
     `on_tensor(nbytes)` is called after each checkpoint tensor (progress bars); tensors whose
-    internal key satisfies `skip` are not read (experts streamed by the expert cache)."""
+    internal key satisfies `skip` are not read (experts streamed by the expert cache). With
+    `lazy`, a conversion's tensors come unevaluated, for the caller to read all at once (as
+    mlx_lm.load does); an HF checkpoint's are still transformed one at a time."""
     wanted = None if only is None else {str(f) for f in only}
     readers = keys.readers if isinstance(keys, CheckpointKeys) else open_shards(path)
     for reader in readers:
         if wanted is not None and str(reader.path) not in wanted:
             continue
-        batch = []  # a conversion's shard: MLX reads it in one evaluation (as mlx_lm.load does)
+        batch = []  # a conversion's shard: MLX reads it in one evaluation
         for key in reader.keys():
             internal = to_internal(key, plan.args, plan.nested)
             if internal is not None and skip_mtp and internal.startswith("mtp."):
@@ -290,7 +293,9 @@ def stream(
             if internal is not None and skip is not None and skip(internal):
                 continue
             for name, arr in plan.tensors(reader, key):
-                if plan.fmt == "mlx":
+                if plan.fmt == "mlx" and lazy:
+                    yield name, arr
+                elif plan.fmt == "mlx":
                     batch.append((name, arr))
                 else:  # transformed (and maybe quantized) one tensor at a time: bounded memory
                     mx.eval(arr)
