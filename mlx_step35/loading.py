@@ -21,6 +21,7 @@ from .memory import (
     estimate,
     recipe_weights,
 )
+from .fusion import fuse
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (
@@ -226,6 +227,7 @@ def load(
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
     mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
+    fuse(model)  # q/k/v/g and gate/up as one matmul each, under the same parameter names
     return model, tokenizer_of(path, args)
 
 

@@ -15,13 +15,23 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwiGLU,
+    SwitchGLU,
+    _gather_sort,
+    _scatter_unsort,
+)
 
 from .cache import FullKVCache, SlidingKVCache
 from .config import ModelArgs
+from .fusion import project, project_experts
 
 
 class MLP(nn.Module):
+    MERGE = ("gate_proj", "up_proj")  # one matmul once loaded (fusion.py)
+    merged = None
+
     def __init__(self, dim: int, hidden: int, limit: float = 0.0):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -30,9 +40,10 @@ class MLP(nn.Module):
         self.limit = limit if limit > 0 else None  # 0 in the config means no clamp
 
     def __call__(self, x: mx.array) -> mx.array:
+        gate, up = project(self, x)
         if self.limit is None:
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(clamped_swiglu(up, gate, self.limit))
 
 
 # The MoE in few kernels, in mlx-lm's order of operations and dtypes. Routing weight of
@@ -82,15 +93,26 @@ class DecodeSwitchGLU(SwitchGLU):
     """mlx-lm's SwitchGLU (same parameters, same results) whose few-token calls (decoding,
     verifying) give the gathered matmuls their row indices as constants: without them each
     gather_qmm builds an arange, one more kernel per call. Many tokens take mlx-lm's
-    expert-sorted path."""
+    expert-sorted path. Once loaded, gate and up are one gathered matmul (fusion.py)."""
+
+    MERGE = ("gate_proj", "up_proj")
+    merged = None
 
     def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
-        if idx.size >= 64:
+        sort = idx.size >= 64
+        if sort and self.merged is None:
             return super().__call__(x, idx)
-        token_rows, rows = _gather_rows(*idx.shape)
         x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
-        up = _switch_linear(self.up_proj, x, token_rows, idx)  # [B, L, K, 1, I]
-        gate = _switch_linear(self.gate_proj, x, token_rows, idx)
+        if sort:  # mlx-lm's order: token-expert pairs sorted by expert
+            xs, ids, inverse = _gather_sort(x, idx)
+            gate, up = project_experts(self, xs, None, ids, sorted_indices=True)
+            out = _switch_linear(self.down_proj, self.activation(up, gate), None, ids, sorted_indices=True)
+            return _scatter_unsort(out, inverse, idx.shape).squeeze(-2)
+        token_rows, rows = _gather_rows(*idx.shape)
+        merged = project_experts(self, x, token_rows, idx)  # [B, L, K, 1, I] each
+        if merged is None:
+            merged = [_switch_linear(p, x, token_rows, idx) for p in (self.gate_proj, self.up_proj)]
+        gate, up = merged
         return _switch_linear(self.down_proj, self.activation(up, gate), rows, idx).squeeze(-2)
 
 
@@ -102,11 +124,11 @@ def _gather_rows(B: int, L: int, K: int):
     return mx.array(rows // K), mx.array(rows)
 
 
-def _switch_linear(layer, x, rows, idx):
+def _switch_linear(layer, x, rows, idx, sorted_indices: bool = False):
     """One of SwitchGLU's projections with explicit row indices (without them, gather_qmm
     builds an arange: one more kernel per call)."""
-    if "bias" in layer:
-        return layer(x, idx)
+    if "bias" in layer or rows is None:
+        return layer(x, idx, sorted_indices=sorted_indices)
     if isinstance(layer, QuantizedSwitchLinear):
         return mx.gather_qmm(
             x,
@@ -161,6 +183,9 @@ def _head_gate(out, g):
 
 
 class Attention(nn.Module):
+    MERGE = ("q_proj", "k_proj", "v_proj", "g_proj")  # one matmul once loaded (fusion.py)
+    merged = None
+
     def __init__(self, args: ModelArgs, i: int, position_shift: int = 0):
         super().__init__()
         dim, hd = args.hidden_size, args.head_dim
@@ -186,9 +211,14 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v, *g = project(self, x)
+        if L > 1 and self.merged is not None:
+            # Slices of the merged output have holes between rows; Metal's rms_norm would copy
+            # them anyway: copy here, where the count of kernels sees it.
+            q, k = mx.contiguous(q), mx.contiguous(k)
+        q = self.q_norm(q.reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = (cache.offset if cache is not None else 0) + self.position_shift
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -197,7 +227,7 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
         if self.use_gate:
-            out = _head_gate(out, self.g_proj(x))
+            out = _head_gate(out, g[0])
         return self.o_proj(out.reshape(B, L, -1))
 
 
