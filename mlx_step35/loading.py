@@ -12,6 +12,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import load_config, parse_config
 from .distributed import shard
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
+from .fusion import fuse
 from .memory import (
     Device,
     InsufficientMemoryError,
@@ -21,7 +22,6 @@ from .memory import (
     estimate,
     recipe_weights,
 )
-from .fusion import fuse
 from .model import Model
 from .safetensors_io import CheckpointError
 from .weights import (

@@ -50,8 +50,10 @@ class MLP(nn.Module):
 # expert e: w_e = scale * sigmoid(g_e) / S with S the sum of sigmoid(g) over the chosen experts
 # (S = 1 without norm_expert_weight). The router hands over the chosen experts' raw gate
 # logits; `_combine` takes the weights, the weighted sum, the shared expert and the residual
-# add in 5 kernels for any top_k (sums as reductions: a fused chain of top_k adds outgrows
-# MLX's fusion depth and splits into many kernels at top_k = 8).
+# add. Up to CHAIN_TOP_K experts its sums are chains of adds, which MLX fuses with the rest: 2
+# kernels; beyond, such a chain outgrows MLX's fusion depth (9 kernels at top_k 8), and the sums
+# are reductions: 5 kernels at any top_k. Both give the same bits (tests).
+CHAIN_TOP_K = 4
 
 
 @mx.compile
@@ -62,10 +64,36 @@ def _route(logits, bias, top_k: int):
     return idx, mx.take_along_axis(logits, idx, axis=-1)
 
 
-@mx.compile
+def _chain(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _combine(experts, chosen, shared, residual, scale: float, normalize: bool):
     """[residual +] (sum over k of experts[..., k, :] * w_k in fp32, rounded to the model's
     dtype) + shared; experts [B, L, top_k, H], chosen [B, L, top_k]."""
+    few = experts.shape[-2] <= CHAIN_TOP_K
+    return (_combine_chained if few else _combine_reduced)(
+        experts, chosen, shared, residual, scale, normalize
+    )
+
+
+@mx.compile
+def _combine_chained(experts, chosen, shared, residual, scale: float, normalize: bool):
+    ws = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
+    ws = [ws[..., k : k + 1] for k in range(experts.shape[-2])]  # [B, L, 1] each
+    if normalize:
+        total = _chain(ws)
+        ws = [w / total for w in ws]
+    routed = _chain([experts[..., k, :] * (w * scale) for k, w in enumerate(ws)])
+    out = routed.astype(shared.dtype) + shared
+    return out if residual is None else residual + out
+
+
+@mx.compile
+def _combine_reduced(experts, chosen, shared, residual, scale: float, normalize: bool):
     w = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
     wide = mx.broadcast_to(w[..., None], experts.shape)  # broadcast first: one fused kernel below
     if normalize:
