@@ -15,17 +15,11 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
-from mlx_lm.models.switch_layers import (
-    QuantizedSwitchLinear,
-    SwiGLU,
-    SwitchGLU,
-    _gather_sort,
-    _scatter_unsort,
-)
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from .cache import FullKVCache, SlidingKVCache
 from .config import ModelArgs
-from .fusion import project, project_experts
+from .fusion import project
 
 
 class MLP(nn.Module):
@@ -121,26 +115,16 @@ class DecodeSwitchGLU(SwitchGLU):
     """mlx-lm's SwitchGLU (same parameters, same results) whose few-token calls (decoding,
     verifying) give the gathered matmuls their row indices as constants: without them each
     gather_qmm builds an arange, one more kernel per call. Many tokens take mlx-lm's
-    expert-sorted path. Once loaded, gate and up are one gathered matmul (fusion.py)."""
-
-    MERGE = ("gate_proj", "up_proj")
-    merged = None
+    expert-sorted path. (Its gate and up projections are not merged like the dense ones: that
+    would copy two thirds of the model's bytes at every load for one kernel per MoE layer.)"""
 
     def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
-        sort = idx.size >= 64
-        if sort and self.merged is None:
+        if idx.size >= 64:
             return super().__call__(x, idx)
-        x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
-        if sort:  # mlx-lm's order: token-expert pairs sorted by expert
-            xs, ids, inverse = _gather_sort(x, idx)
-            gate, up = project_experts(self, xs, None, ids, sorted_indices=True)
-            out = _switch_linear(self.down_proj, self.activation(up, gate), None, ids, sorted_indices=True)
-            return _scatter_unsort(out, inverse, idx.shape).squeeze(-2)
         token_rows, rows = _gather_rows(*idx.shape)
-        merged = project_experts(self, x, token_rows, idx)  # [B, L, K, 1, I] each
-        if merged is None:
-            merged = [_switch_linear(p, x, token_rows, idx) for p in (self.gate_proj, self.up_proj)]
-        gate, up = merged
+        x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, H]
+        up = _switch_linear(self.up_proj, x, token_rows, idx)  # [B, L, K, 1, I]
+        gate = _switch_linear(self.gate_proj, x, token_rows, idx)
         return _switch_linear(self.down_proj, self.activation(up, gate), rows, idx).squeeze(-2)
 
 
@@ -152,11 +136,11 @@ def _gather_rows(B: int, L: int, K: int):
     return mx.array(rows // K), mx.array(rows)
 
 
-def _switch_linear(layer, x, rows, idx, sorted_indices: bool = False):
+def _switch_linear(layer, x, rows, idx):
     """One of SwitchGLU's projections with explicit row indices (without them, gather_qmm
     builds an arange: one more kernel per call)."""
-    if "bias" in layer or rows is None:
-        return layer(x, idx, sorted_indices=sorted_indices)
+    if "bias" in layer:
+        return layer(x, idx)
     if isinstance(layer, QuantizedSwitchLinear):
         return mx.gather_qmm(
             x,
