@@ -34,7 +34,7 @@ class MLP(nn.Module):
         self.limit = limit if limit > 0 else None  # 0 in the config means no clamp
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = project(self, x)
+        (gate, up), _ = project(self, x)
         if self.limit is None:
             return self.down_proj(swiglu(gate, up))
         return self.down_proj(clamped_swiglu(up, gate, self.limit))
@@ -223,8 +223,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v, *g = project(self, x)
-        if L > 1 and self.merged is not None:
+        (q, k, v, *g), merged = project(self, x)
+        if merged and L > 1:
             # Slices of the merged output have holes between rows; Metal's rms_norm would copy
             # them anyway: copy here, where the count of kernels sees it.
             q, k = mx.contiguous(q), mx.contiguous(k)

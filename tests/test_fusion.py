@@ -38,12 +38,12 @@ def _mergeable_modules(model):
 
 def _run(model, tokens):
     """Logits of a 70-token prefill (the experts' sorted path), 6 decode steps past the sliding
-    window's wrap, verify-sized steps of 2-4 tokens, and each MTP block's draft."""
+    window's wrap, steps of 2-4, 16 and 17 tokens, and each MTP block's draft."""
     cache = model.make_cache(slack=4)
     h = model.hidden(mx.array(tokens[:70])[None], cache)
     out = [model.logits(h)]
     t = 70
-    for w in [1] * 6 + [2, 3, 4]:
+    for w in [1] * 6 + [2, 3, 4, 16, 17]:  # 16: the most tokens that take the merged matmul
         h = model.hidden(mx.array(tokens[t : t + w])[None], cache)
         out.append(model.logits(h))
         t += w
@@ -60,7 +60,7 @@ def _run(model, tokens):
 
 @pytest.fixture
 def long_tokens():
-    return np.random.default_rng(7).integers(3, 500, size=100)
+    return np.random.default_rng(7).integers(3, 500, size=130)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
