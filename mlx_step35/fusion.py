@@ -39,7 +39,6 @@ class Merged:
         self.quant = quant  # (group_size, bits, mode), or None for float weights
         self.keys = [k for k in PARTS if layers[0].get(k) is not None]
         self.arrays = {k: mx.concatenate([layer[k] for layer in layers], axis=-2) for k in self.keys}
-        mx.eval(self.arrays)
         self.bounds, start = [], 0
         for layer in layers:
             rows = layer["weight"].shape[-2]
@@ -49,7 +48,7 @@ class Merged:
             for k in self.keys:
                 layer[k] = self.arrays[k][..., a:b, :]  # a view: shares the merged buffer
         self.views = [(layer, k, layer[k]) for layer in layers for k in self.keys]
-        mx.eval([v for _, _, v in self.views])
+        mx.eval(self.arrays, [v for _, _, v in self.views])  # the old buffers are freed here
 
     def intact(self) -> bool:
         """Whether every original parameter is still the view made here."""
@@ -98,11 +97,20 @@ def _mergeable(layers) -> Optional[tuple]:
     return kinds.pop() if len(keys) == 1 and len(shapes) == 1 else None
 
 
+def _modules(module: nn.Module):
+    """The module and all below it (a plain walk: `named_modules` builds a dict per module)."""
+    yield module
+    for value in module.values():
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, nn.Module):
+                yield from _modules(child)
+
+
 def fuse(model: nn.Module) -> int:
     """Merge the projections named by each module's `MERGE` (in that order) where they share
     one input, one kind of layer and one quantization; returns how many groups were merged."""
     n = 0
-    for _, module in model.named_modules():
+    for module in _modules(model):
         names = getattr(module, "MERGE", None)
         if not names or getattr(module, "merged", None) is not None:
             continue
