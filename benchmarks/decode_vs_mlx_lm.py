@@ -5,7 +5,10 @@ this machine) in rotating order; the ratios vs mlx-lm are taken within the round
 median over rounds is reported with a 95% bootstrap interval.
 
     python benchmarks/decode_vs_mlx_lm.py [--rounds 7] [--prompt-tokens 256] [--gen-tokens 64] [--models demo,large]
-        [--clock wall|cpu]
+        [--clock wall|cpu] [--unmerged]
+
+--unmerged adds an arm with the projections unmerged (mlx_step35/fusion.py undone: each
+checkpoint projection its own matmul again, over the same arrays), to see what merging gives.
 """
 
 import argparse
@@ -37,7 +40,15 @@ def run(step_fn, n_prompt: int, n_gen: int, clock=time.perf_counter):
     return n_prompt / (first - tic), (n_gen - 1) / (end - first)
 
 
-def bench(path, rounds, n_prompt, n_gen, clock=time.perf_counter):
+def unmerged(path):
+    model, _ = load(path)
+    for _, module in model.named_modules():
+        if getattr(module, "merged", None) is not None:
+            module.merged = None  # the separate projections, over the merged buffer's views
+    return model
+
+
+def bench(path, rounds, n_prompt, n_gen, clock=time.perf_counter, with_unmerged=False):
     ours, _ = load(path)
     theirs, _ = mlx_lm.load(str(path))
     V = ours.args.vocab_size
@@ -48,6 +59,9 @@ def bench(path, rounds, n_prompt, n_gen, clock=time.perf_counter):
         "mlx-lm": lambda: mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=n_gen, sampler=greedy),
     }
     impls["mlx_step35 again"] = impls["mlx_step35"]
+    if with_unmerged:
+        separate = unmerged(path)
+        impls["mlx_step35 unmerged"] = lambda: generate_step(separate, prompt, max_tokens=n_gen)
     for name, fn in impls.items():  # warm-up (compilation), not timed
         run(fn, n_prompt, 8)
     speeds = {k: [] for k in impls}  # per round: (prefill, decode)
@@ -81,6 +95,7 @@ def main():
         help="cpu: tokens per CPU-second of this process (all its threads), steadier than wall "
         "time when other work shares the machine",
     )
+    ap.add_argument("--unmerged", action="store_true", help="add an arm without merged projections")
     a = ap.parse_args()
     print(
         "| model | impl | prefill tok/s | decode tok/s | prefill vs mlx-lm (95% interval) | "
@@ -91,7 +106,7 @@ def main():
     for key in a.models.split(","):
         label, path = models[key][0], models[key][1]()
         for name, ((p, pr), (d, dr)) in bench(
-            path, a.rounds, a.prompt_tokens, a.gen_tokens, CLOCKS[a.clock]
+            path, a.rounds, a.prompt_tokens, a.gen_tokens, CLOCKS[a.clock], a.unmerged
         ).items():
             print(f"| {label} | {name} | {p:.1f} | {d:.1f} | {cell(pr)} | {cell(dr)} |")
 

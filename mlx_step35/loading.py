@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import load_config, parse_config
 from .distributed import shard
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
+from .fusion import fuse
 from .memory import (
     Device,
     InsufficientMemoryError,
@@ -202,6 +203,7 @@ def load(
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
     mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
+    fuse(model)  # q/k/v/g and gate/up as one matmul each, under the same parameter names
     return model, tokenizer_of(path, args)
 
 

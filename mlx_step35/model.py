@@ -19,9 +19,13 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from .cache import FullKVCache, SlidingKVCache
 from .config import ModelArgs
+from .fusion import project
 
 
 class MLP(nn.Module):
+    MERGE = ("gate_proj", "up_proj")  # one matmul once loaded (fusion.py)
+    merged = None
+
     def __init__(self, dim: int, hidden: int, limit: float = 0.0):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -30,17 +34,20 @@ class MLP(nn.Module):
         self.limit = limit if limit > 0 else None  # 0 in the config means no clamp
 
     def __call__(self, x: mx.array) -> mx.array:
+        (gate, up), _ = project(self, x)
         if self.limit is None:
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(clamped_swiglu(self.up_proj(x), self.gate_proj(x), self.limit))
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(clamped_swiglu(up, gate, self.limit))
 
 
 # The MoE in few kernels, in mlx-lm's order of operations and dtypes. Routing weight of
 # expert e: w_e = scale * sigmoid(g_e) / S with S the sum of sigmoid(g) over the chosen experts
 # (S = 1 without norm_expert_weight). The router hands over the chosen experts' raw gate
 # logits; `_combine` takes the weights, the weighted sum, the shared expert and the residual
-# add in 5 kernels for any top_k (sums as reductions: a fused chain of top_k adds outgrows
-# MLX's fusion depth and splits into many kernels at top_k = 8).
+# add. Up to CHAIN_TOP_K experts its sums are chains of adds, which MLX fuses with the rest: 2
+# kernels; beyond, such a chain outgrows MLX's fusion depth (9 kernels at top_k 8), and the sums
+# are reductions: 5 kernels at any top_k. Both give the same bits (tests).
+CHAIN_TOP_K = 4
 
 
 @mx.compile
@@ -51,10 +58,36 @@ def _route(logits, bias, top_k: int):
     return idx, mx.take_along_axis(logits, idx, axis=-1)
 
 
-@mx.compile
+def _chain(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _combine(experts, chosen, shared, residual, scale: float, normalize: bool):
     """[residual +] (sum over k of experts[..., k, :] * w_k in fp32, rounded to the model's
     dtype) + shared; experts [B, L, top_k, H], chosen [B, L, top_k]."""
+    few = experts.shape[-2] <= CHAIN_TOP_K
+    return (_combine_chained if few else _combine_reduced)(
+        experts, chosen, shared, residual, scale, normalize
+    )
+
+
+@mx.compile
+def _combine_chained(experts, chosen, shared, residual, scale: float, normalize: bool):
+    ws = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
+    ws = [ws[..., k : k + 1] for k in range(experts.shape[-2])]  # [B, L, 1] each
+    if normalize:
+        total = _chain(ws)
+        ws = [w / total for w in ws]
+    routed = _chain([experts[..., k, :] * (w * scale) for k, w in enumerate(ws)])
+    out = routed.astype(shared.dtype) + shared
+    return out if residual is None else residual + out
+
+
+@mx.compile
+def _combine_reduced(experts, chosen, shared, residual, scale: float, normalize: bool):
     w = mx.sigmoid(chosen.astype(mx.float32))  # [B, L, top_k]
     wide = mx.broadcast_to(w[..., None], experts.shape)  # broadcast first: one fused kernel below
     if normalize:
@@ -82,7 +115,8 @@ class DecodeSwitchGLU(SwitchGLU):
     """mlx-lm's SwitchGLU (same parameters, same results) whose few-token calls (decoding,
     verifying) give the gathered matmuls their row indices as constants: without them each
     gather_qmm builds an arange, one more kernel per call. Many tokens take mlx-lm's
-    expert-sorted path."""
+    expert-sorted path. (Its gate and up projections are not merged like the dense ones: that
+    would copy two thirds of the model's bytes at every load for one kernel per MoE layer.)"""
 
     def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
         if idx.size >= 64:
@@ -161,6 +195,9 @@ def _head_gate(out, g):
 
 
 class Attention(nn.Module):
+    MERGE = ("q_proj", "k_proj", "v_proj", "g_proj")  # one matmul once loaded (fusion.py)
+    merged = None
+
     def __init__(self, args: ModelArgs, i: int, position_shift: int = 0):
         super().__init__()
         dim, hd = args.hidden_size, args.head_dim
@@ -186,9 +223,14 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        (q, k, v, *g), merged = project(self, x)
+        if merged and L > 1:
+            # Slices of the merged output have holes between rows; Metal's rms_norm would copy
+            # them anyway: copy here, where the count of kernels sees it.
+            q, k = mx.contiguous(q), mx.contiguous(k)
+        q = self.q_norm(q.reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = (cache.offset if cache is not None else 0) + self.position_shift
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -197,7 +239,7 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
         if self.use_gate:
-            out = _head_gate(out, self.g_proj(x))
+            out = _head_gate(out, g[0])
         return self.o_proj(out.reshape(B, L, -1))
 
 

@@ -1,4 +1,4 @@
-"""The few-token path of the trunk (decode and verify steps: the fused MoE combine, constant
+"""The few-token path of the trunk (decode and verify steps: merged projections, the fused MoE combine, constant
 gather rows, the fused head gate, slice-updated sliding caches) computes the same float32 logits
 as stock mlx-lm step3p5, step by step on the same weights, up to float32 rounding.
 
@@ -67,7 +67,7 @@ def test_bound_catches_a_wrong_routing_weight(pair, tokens, monkeypatch):
 
 def test_fewer_kernels_per_step_than_mlx_lm(pair):
     """benchmarks/op_count.py's count (deterministic): a decode step and a 3-token verify step
-    take at most 0.9x the kernels of mlx-lm's step (0.85-0.86 now), and no
+    take at most 0.7x and 0.75x the kernels of mlx-lm's step (0.66 and 0.73 now), and no
     index arrays, scatters or gathers but the embedding's one."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import op_count
@@ -76,5 +76,24 @@ def test_fewer_kernels_per_step_than_mlx_lm(pair):
     for width in (1, 3):
         a = op_count.count(op_count.ours_step(ours, 40, width))
         b = op_count.count(op_count.mlx_lm_step(theirs, 40, width))
-        assert a.total() <= 0.9 * b.total(), (width, a.total(), b.total())
+        assert a.total() <= (0.7 if width == 1 else 0.75) * b.total(), (width, a.total(), b.total())
         assert (a["Arange"], a["Scatter"], a["Gather"]) == (0, 0, 1), a
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_both_forms_of_the_moe_combine_give_the_same_bits(dtype):
+    """Few experts take the chained-adds form (2 kernels), many the reductions (5): for every
+    top_k either computes the same bits, with and without normalisation and residual."""
+    from mlx_step35.model import _combine_chained, _combine_reduced
+
+    rng = np.random.default_rng(0)
+    for top_k in range(1, 9):
+        for normalize, residual in ((True, True), (False, False)):
+            experts, shared, res = (
+                mx.array(rng.normal(size=s).astype(np.float32)).astype(dtype)
+                for s in ((3, 5, top_k, 64), (3, 5, 64), (3, 5, 64))
+            )
+            chosen = mx.array(rng.normal(size=(3, 5, top_k)).astype(np.float32)).astype(dtype)
+            args = (experts, chosen, shared, res if residual else None, 3.0, normalize)
+            a, b = _combine_chained(*args), _combine_reduced(*args)
+            assert a.dtype == b.dtype == dtype and mx.array_equal(a, b).item(), (top_k, normalize)
