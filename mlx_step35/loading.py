@@ -200,10 +200,13 @@ def load(
     if cache_plan:
         attach_expert_cache(model, cache_plan, dtype=parse_dtype(dtype), policy=expert_cache_policy)
     model.eval()
+    # q/k/v/g and gate/up as one matmul each, under the same parameter names. Before the
+    # evaluation: a conversion's weights are still lazy, so a group's separate arrays are read
+    # only to be copied into its merged buffer, never held alongside it (mlx_lm.load's peak).
+    fuse(model)
     # Evaluate every array now (private ones such as RoPE frequencies included): a lazy one
     # would later be computed on the loading thread's stream, which another thread cannot use.
     mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
-    fuse(model)  # q/k/v/g and gate/up as one matmul each, under the same parameter names
     return model, tokenizer_of(path, args)
 
 
