@@ -142,7 +142,8 @@ class WeightPlan:
         hf = self.fmt == "hf"
         self.norms = {p for p, m in model.named_modules() if isinstance(m, nn.RMSNorm)} if hf else set()
         stored_quant = config.get("quantization") or {}
-        scales = {to_internal(k, args, self.nested) for k in keys if k.endswith(".scales")}
+        self.names = {k: to_internal(k, args, self.nested) for k in keys}  # None: skipped on purpose
+        scales = {name for k, name in self.names.items() if k.endswith(".scales")}
         self.quant = {}  # module path -> quantization params
         self.prequant = set()  # modules stored already quantized in the checkpoint
 
@@ -167,7 +168,7 @@ class WeightPlan:
 
     def tensors(self, reader: ShardReader, key: str) -> List[Tuple[str, mx.array]]:
         """The (internal key, array) pairs that checkpoint tensor `key` becomes."""
-        internal = to_internal(key, self.args, self.nested)
+        internal = self.internal(key)
         if internal is None:
             return []
         module = internal.rpartition(".")[0]
@@ -177,14 +178,19 @@ class WeightPlan:
         )
         if want is None:
             raise CheckpointError(f"{reader.path}: unexpected tensor {key} (no parameter {internal})")
-        if tuple(reader.shape(key)) != tuple(want):
+        shape = reader.shape(key)
+        if shape != tuple(want):
             raise CheckpointError(
-                f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, expected {list(want)}"
+                f"{reader.path}: tensor {key} has shape {list(shape)}, expected {list(want)}"
             )
         self._check_dtype(reader, key, module, internal)
         if quantize and internal.endswith(".weight"):
             return self._quantized(reader, key, internal, module)
         return [(internal, self._prepare(reader.read(key), internal, module))]
+
+    def internal(self, key: str) -> Optional[str]:
+        """`to_internal(key)`, translated once per plan for the checkpoint's keys."""
+        return self.names[key] if key in self.names else to_internal(key, self.args, self.nested)
 
     def _check_dtype(self, reader: ShardReader, key: str, module: str, internal: str):
         """Packed quantized weights are uint32, every other stored weight floating-point."""
@@ -206,7 +212,8 @@ class WeightPlan:
         if self.fmt == "hf" and module in self.norms:
             w = w.astype(mx.float32) + 1.0  # zero-centred norm: applied as 1 + w
         if mx.issubdtype(w.dtype, mx.floating):
-            w = w.astype((self.dtype or w.dtype) if self.cast(internal) else mx.float32)
+            dtype = (self.dtype or w.dtype) if self.cast(internal) else mx.float32
+            w = w if w.dtype == dtype else w.astype(dtype)
         return w
 
     def _quantized(self, reader, key, internal, module):
@@ -286,8 +293,8 @@ def stream(
         if wanted is not None and str(reader.path) not in wanted:
             continue
         batch = []  # a conversion's shard: MLX reads it in one evaluation
-        for key in reader.keys():
-            internal = to_internal(key, plan.args, plan.nested)
+        for key in reader.tensors:
+            internal = plan.internal(key)
             if internal is not None and skip_mtp and internal.startswith("mtp."):
                 continue
             if internal is not None and skip is not None and skip(internal):
