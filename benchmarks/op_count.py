@@ -7,7 +7,10 @@ fused elementwise chain plus each non-elementwise op inside it, so compiling hid
 this CPU backend `mx.fast` ops (rms_norm, rope, attention) and `mx.dequantize` expand into their
 composite fallbacks; each is counted as the one kernel it is on Metal.
 
-    python benchmarks/op_count.py [--models demo,large] [--prompt-tokens 100] [--by-op]
+    python benchmarks/op_count.py [--models demo,large,flash] [--prompt-tokens 100] [--by-op]
+
+`flash` is a checkpoint with Step-3.5-Flash's layer structure (45 layers, full attention every
+4th, MoE layers 3-44 with top-8 routing, 3 dense) at tiny widths: counts do not depend on widths.
 """
 
 import argparse
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
-from common import demo_model, large_checkpoint
+from common import BUILD, demo_model, large_checkpoint
 
 from mlx_step35 import load
 from mlx_step35.generation import plain_step, verify_step
@@ -133,6 +136,20 @@ def mlx_lm_step(model, n_prompt, width):
     return step
 
 
+def flash_shape() -> Path:
+    """Step-3.5-Flash's layer structure at tiny widths, 4-bit (made once, under build/)."""
+    from factory import make_checkpoint
+
+    from mlx_step35 import convert
+
+    hf, out = BUILD / "flash-shape-hf", BUILD / "flash-shape-4bit"
+    if not (out / "config.json").exists():
+        layers = dict(num_hidden_layers=45, moe_layers_enum=",".join(str(i) for i in range(3, 45)))
+        make_checkpoint(hf, moe_top_k=8, moe_num_experts=16, sliding_window=8, **layers)
+        convert(hf, out, quantize=True)
+    return out
+
+
 def table(path, n_prompt):
     ours, _ = load(path)
     theirs, _ = mlx_lm.load(str(path))
@@ -147,10 +164,14 @@ def table(path, n_prompt):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=100, help="past both models' sliding windows")
-    ap.add_argument("--models", default="demo,large", help="comma-separated: demo, large")
+    ap.add_argument("--models", default="demo,large", help="comma-separated: demo, large, flash")
     ap.add_argument("--by-op", action="store_true", help="also list the ops whose counts differ")
     a = ap.parse_args()
-    models = {"demo": ("demo (bundled)", demo_model), "large": ("random 8L h512 E32 4-bit", large_checkpoint)}
+    models = {
+        "demo": ("demo (bundled)", demo_model),
+        "large": ("random 8L h512 E32 4-bit", large_checkpoint),
+        "flash": ("Step-3.5-Flash's structure (45L, top-8), tiny widths, 4-bit", flash_shape),
+    }
     print("| model | step | mlx_step35 kernels | mlx-lm kernels | ratio |")
     print("|---|---|---|---|---|")
     diffs = []
