@@ -142,8 +142,10 @@ def _spec(ckpts, kind):
 def test_logits_match_one_process(ranks, reference, ckpts, kind):
     res, _ = ranks
     ref = reference[kind]
+    assert ref["merged"]  # q/k/v/g and gate/up merged (fusion.py), on each rank after sharding too
     for rank in (0, 1):
         got = res[rank][_spec(ckpts, kind)]
+        assert got["merged"] == ref["merged"], (kind, rank)
         for a, b in [(got["logits"], ref["logits"])] + list(zip(got["mtp_logits"], ref["mtp_logits"])):
             a, b = np.array(a), np.array(b)
             assert a.shape == b.shape

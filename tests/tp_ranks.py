@@ -83,6 +83,7 @@ def results(path, group=None, full=True, **load_args) -> dict:
         "logits": np.array(model(ids)[0]).tolist(),
         "mtp_logits": [np.array(x[0]).tolist() for x in model.mtp_logits(ids)],
         "param_bytes": params,
+        "merged": sorted(n for n, m in model.named_modules() if getattr(m, "merged", None) is not None),
     }
     orig = AutoDraft.choose
     AutoDraft.choose = scattered_auto(rank)
