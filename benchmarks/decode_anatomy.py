@@ -59,15 +59,17 @@ def inputs(calls):
     return xs
 
 
-def step_calls(build, ops):
+def step_calls(build, groups):
+    """The calls of each group of ops, recorded while one step is built and evaluated."""
+    originals = [{getattr(mod, name) for mod, name in ops} for ops in groups]
     calls = []
-    with recording(calls, ops):
+    with recording(calls, [op for ops in groups for op in ops]):
         mx.eval(build())
-    return calls
+    return [[call for call in calls if call[0] in fns] for fns in originals]
 
 
 def timed_replay(calls, clock, reps=20):
-    """Seconds to evaluate the recorded matmuls (weights as recorded) on fixed inputs."""
+    """Seconds to evaluate the recorded calls (all but the first argument as recorded) on fixed inputs."""
     xs = inputs(calls)
 
     def once():
@@ -108,7 +110,7 @@ def arms(path, n_prompt):
     ):
         mx.eval(model(mx.array(prompt)[None], cache=cache))
         step = lambda: model(mx.array([[5]]), cache=cache)[:, -1].argmax(-1)  # noqa: E731
-        out[name] = (gen, *(step_calls(step, ops) for ops in (MATMULS, ATTENTION, NORMS)))
+        out[name] = (gen, *step_calls(step, (MATMULS, ATTENTION, NORMS)))
     return out
 
 

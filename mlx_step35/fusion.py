@@ -91,9 +91,7 @@ def _mergeable(layers) -> Optional[tuple]:
     if len(kinds) != 1 or None in kinds:
         return None
     keys = {tuple(k for k in PARTS if layer.get(k) is not None) for layer in layers}
-    shapes = {
-        (layer["weight"].shape[:-2], layer["weight"].shape[-1], layer["weight"].dtype) for layer in layers
-    }
+    shapes = {(layer["weight"].shape[-1], layer["weight"].dtype) for layer in layers}
     return kinds.pop() if len(keys) == 1 and len(shapes) == 1 else None
 
 
