@@ -1,57 +1,35 @@
 """The FastAPI application: OpenAI-compatible routes, errors, API key, body limit, metrics."""
 
-import asyncio
 import hmac
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import MAX_TOKENS, NUM_DRAFT
 from ..memory import wired_limit
-from ..sampling import Sampler, make_logits_processors, make_sampler
 from .chat import serve_chat
-from .engine import Engine, Failed, Finished, GenRequest, Piece, QueueFull
+from .context import Context, Settings, error, failed_response, run_job
+from .engine import Engine, Failed, Finished, Piece
 from .metrics import Metrics
 from .responses import Envelope, completion_logprobs, error_body, timings, usage
 from .schemas import (
     ChatRequest,
     CompletionRequest,
     RequestError,
-    _Common,
-    num_draft_of,
     refuse_unsupported,
-    stop_list,
 )
 
 log = logging.getLogger("mlx_step35.server")
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
 RETRY_AFTER_S = 5
-
-
-@dataclass
-class Settings:
-    model_id: str
-    model_aliases: Tuple[str, ...] = ()
-    api_key: Optional[str] = None
-    allowed_origins: List[str] = field(default_factory=list)
-    max_body_bytes: int = 16 * 2**20
-    max_tokens: int = MAX_TOKENS
-    temp: float = Sampler.temp
-    top_p: float = Sampler.top_p
-    top_k: int = Sampler.top_k
-    min_p: float = Sampler.min_p
-    draft_mtp: bool = True
-    num_draft: Union[int, str] = NUM_DRAFT
 
 
 class Guard:
@@ -128,10 +106,6 @@ async def _reply(send, status: int, message: str, kind="invalid_request_error", 
     hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
-
-
-def error(status: int, message: str, param=None, kind="invalid_request_error", code=None, headers=None):
-    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> Tuple[str, Optional[str]]:
@@ -234,120 +208,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return await serve_chat(ctx, req, request)
 
     return app
-
-
-class Context:
-    """What the route handlers share: the engine, settings and the tokenizing thread."""
-
-    def __init__(self, engine: Engine, settings: Settings, pool: ThreadPoolExecutor):
-        self.engine, self.settings, self.pool = engine, settings, pool
-
-    async def off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
-    def check_model(self, name: Optional[str]):
-        if name and name != self.settings.model_id and name not in self.settings.model_aliases:
-            raise RequestError(
-                f"model {name!r} not found: this server serves {self.settings.model_id!r} (GET /v1/models)",
-                "model",
-                404,
-            )
-
-    def gen_request(
-        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs
-    ) -> GenRequest:
-        s = self.settings
-        vocab = self.engine.model.args.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if not prompt:
-            raise RequestError("the prompt is empty", "prompt")
-        room = self.engine.context_length - len(prompt)
-        if room < 1:
-            raise RequestError(
-                f"the prompt has {len(prompt)} tokens; the model's context is {self.engine.context_length}",
-                "messages" if hasattr(req, "messages") else "prompt",
-            )
-        if max_tokens is not None and max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        if max_tokens is not None and max_tokens > room:
-            raise RequestError(
-                f"max_tokens {max_tokens} + the prompt's {len(prompt)} tokens exceed the model's context "
-                f"of {self.engine.context_length}",
-                "max_tokens",
-            )
-        draft_mtp, num_draft = num_draft_of(req.num_draft, (s.draft_mtp, s.num_draft))
-        pick = lambda v, d: d if v is None else v  # noqa: E731
-        top_k = pick(req.top_k, s.top_k)
-        if top_k > vocab:
-            raise RequestError(f"top_k must be at most the vocabulary size {vocab}", "top_k")
-        penalties = dict(
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty or None,
-            frequency_penalty=req.frequency_penalty or None,
-        )
-        procs = make_logits_processors(**penalties)
-        return GenRequest(
-            prompt=prompt,
-            max_tokens=min(room, max_tokens or s.max_tokens),
-            sampler=make_sampler(
-                pick(req.temperature, s.temp),
-                pick(req.top_p, s.top_p),
-                pick(req.min_p, s.min_p),
-                max(top_k, 0),
-            ),
-            processors=procs or None,
-            penalties={k: v for k, v in penalties.items() if v},
-            draft_mtp=draft_mtp,
-            num_draft=num_draft,
-            seed=req.seed,
-            stop=stop_list(req.stop),
-            top_logprobs=top_logprobs,
-        )
-
-    def submit(self, gen: GenRequest) -> "Job":  # noqa: F821
-        try:
-            return self.engine.submit(gen, asyncio.get_running_loop())
-        except QueueFull:
-            raise RequestError(
-                "the server is busy: the request queue is full, retry later", None, 503
-            ) from None
-
-
-async def watch_disconnect(request: Request, job):
-    """Cancel `job` when the client goes away (the body is already read, so the next
-    message can only be the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel()
-            return
-
-
-async def run_job(ctx: Context, job, request: Request, stream_fn, collect_fn):
-    """Stream (SSE) or collect a job's events, cancelling it when the client disconnects."""
-    watcher = asyncio.create_task(watch_disconnect(request, job))
-
-    async def sse():
-        try:
-            async for chunk in stream_fn(job.stream()):
-                yield chunk
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancel()
-            watcher.cancel()
-
-    if stream_fn is not None:
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        return await collect_fn(job.stream())
-    finally:
-        job.cancel()
-        watcher.cancel()
-
-
-def failed_response(ev: Failed):
-    return error(500, ev.message, kind="server_error")
 
 
 async def serve_completion(ctx: Context, req: CompletionRequest, request: Request):

@@ -7,6 +7,7 @@ from typing import List, Optional
 from jinja2 import TemplateError
 
 from .. import chat_format as cf
+from .context import Context, failed_response, run_job
 from .engine import Failed, Finished, Piece
 from .responses import Envelope, chat_logprobs, error_body, finish_reason, timings, usage
 from .schemas import ChatRequest, RequestError, refuse_unsupported
@@ -59,30 +60,52 @@ def render(tokenizer, req: ChatRequest):
 
 
 class Turn:
-    """One chat request on its way out: its prompt, generation settings and reply parser."""
+    """One chat request on its way out: its prompt, generation settings and reply parser.
+    `events()` and `result()` are what every protocol (OpenAI chat, Anthropic messages,
+    Responses) translates into its own wire format."""
 
-    def __init__(self, req: ChatRequest, ids, in_reasoning: bool, gen, model_id: str):
-        self.req, self.ids, self.gen = req, ids, gen
+    def __init__(self, req: ChatRequest, ids, in_reasoning: bool, gen, job, model_id: str):
+        self.req, self.ids, self.gen, self.job = req, ids, gen, job
         self.tools = parser_tools(req.tools, req.tool_choice)
         self.in_reasoning = in_reasoning
         self.env = Envelope("chat", model_id)
         self.logprobs = gen.top_logprobs is not None
 
-    async def stream(self, events):
+    async def events(self, events):
+        """(deltas, event) for each engine event: the reply parser's deltas of a Piece's text
+        (after a Finished, its last ones); a Failed or a cancellation ends it with no deltas."""
         parser = cf.ReplyParser(tools=self.tools, in_reasoning=self.in_reasoning)
+        async for ev in events:
+            if isinstance(ev, Failed) or (isinstance(ev, Finished) and ev.finish_reason == "cancelled"):
+                yield [], ev
+                return
+            yield (parser.feed(ev.text) if isinstance(ev, Piece) else parser.finish()), ev
+
+    async def result(self, events):
+        """(reply, tokens, logprobs, Finished), or the Failed event."""
+        lps, text, tokens = [], "", []
+        async for ev in events:
+            if isinstance(ev, Failed):
+                return ev
+            if isinstance(ev, Piece):
+                text, tokens, lps = text + ev.text, tokens + ev.tokens, lps + ev.logprobs
+                continue
+            return cf.parse_reply(text, tools=self.tools, in_reasoning=self.in_reasoning), tokens, lps, ev
+
+    async def stream(self, events):
         yield self.env.sse(
             [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
         )
         lps: List = []
         called = False
-        async for ev in events:
+        async for deltas, ev in self.events(events):
             if isinstance(ev, Failed):
                 yield "data: " + json.dumps(error_body(ev.message, "server_error")) + "\n\n"
                 return
             if isinstance(ev, Finished) and ev.finish_reason == "cancelled":
                 return
             lps += ev.logprobs if isinstance(ev, Piece) else []
-            for d in parser.feed(ev.text) if isinstance(ev, Piece) else parser.finish():
+            for d in deltas:
                 called |= d.tool_call is not None
                 choice = {"index": 0, "delta": delta_json(d), "finish_reason": None}
                 if self.logprobs and lps:
@@ -97,42 +120,39 @@ class Turn:
                     yield self.env.sse([], usage=usage(ev))
 
     async def collect(self, events):
-        from .app import failed_response
-
-        lps, text, tokens = [], "", []
-        async for ev in events:
-            if isinstance(ev, Failed):
-                return failed_response(ev)
-            if isinstance(ev, Piece):
-                text, tokens, lps = text + ev.text, tokens + ev.tokens, lps + ev.logprobs
-                continue
-            reply = cf.parse_reply(text, tools=self.tools, in_reasoning=self.in_reasoning)
-            message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
-            if reply.reasoning:
-                message["reasoning_content"] = reply.reasoning
-            if reply.tool_calls:
-                message["tool_calls"] = [tool_call_json(tc) for tc in reply.tool_calls]
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": chat_logprobs(lps) if self.logprobs else None,
-            }
-            choice["finish_reason"] = finish_reason(ev, bool(reply.tool_calls))
-            out = self.env.wrap([choice], False, usage=usage(ev), timings=timings(ev))
-            if self.req.return_token_ids:
-                out["prompt_token_ids"], choice["token_ids"] = self.ids, tokens
-            return out
+        out = await self.result(events)
+        if isinstance(out, Failed):
+            return failed_response(out)
+        reply, tokens, lps, ev = out
+        message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.tool_calls:
+            message["tool_calls"] = [tool_call_json(tc) for tc in reply.tool_calls]
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": chat_logprobs(lps) if self.logprobs else None,
+        }
+        choice["finish_reason"] = finish_reason(ev, bool(reply.tool_calls))
+        out = self.env.wrap([choice], False, usage=usage(ev), timings=timings(ev))
+        if self.req.return_token_ids:
+            out["prompt_token_ids"], choice["token_ids"] = self.ids, tokens
+        return out
 
 
-async def serve_chat(ctx, req: ChatRequest, request):
-    from .app import run_job
-
+async def start_chat(ctx: Context, req: ChatRequest, max_tokens: Optional[int], top_logprobs=None) -> Turn:
+    """Validate, render and queue one chat request: the one path every chat protocol takes."""
     ctx.check_model(req.model)
     refuse_unsupported(req)
     ids, in_reasoning, marks = await ctx.off_loop(render, ctx.engine.tokenizer, req)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    gen = ctx.gen_request(req, ids, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    gen = ctx.gen_request(req, ids, max_tokens, top_logprobs)
     gen.checkpoints = marks  # where the prompt cache snapshots the prefill
-    turn = Turn(req, ids, in_reasoning, gen, ctx.settings.model_id)
     job = ctx.submit(gen)
-    return await run_job(ctx, job, request, turn.stream if req.stream else None, turn.collect)
+    return Turn(req, ids, in_reasoning, gen, job, ctx.settings.model_id)
+
+
+async def serve_chat(ctx: Context, req: ChatRequest, request):
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    turn = await start_chat(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    return await run_job(ctx, turn.job, request, turn.stream if req.stream else None, turn.collect)
