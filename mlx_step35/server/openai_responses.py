@@ -59,7 +59,13 @@ def output_text(text: str) -> dict:
 
 
 def message_item(item_id: str, text: str, status: str) -> dict:
-    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [output_text(text)]}
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [output_text(text)],
+    }
 
 
 def call_item(item_id: str, tc, names, status: str, arguments: Optional[str] = None) -> dict:
@@ -210,7 +216,10 @@ class _Events:
 
     def _start(self, kind: str) -> List[str]:
         if kind == "reasoning":
-            self.open, part = reasoning_item(new_id("rs"), "", "in_progress"), {"type": "reasoning_text", "text": ""}
+            self.open, part = (
+                reasoning_item(new_id("rs"), "", "in_progress"),
+                {"type": "reasoning_text", "text": ""},
+            )
             added = dict(self.open, content=[])
         else:
             self.open, part = message_item(new_id("msg"), "", "in_progress"), output_text("")
@@ -233,7 +242,9 @@ class _Events:
         else:
             item.update(message_item(item["id"], self.text, status))
             part = item["content"][0]
-            done = self.event("response.output_text.done", **where, content_index=0, text=self.text, logprobs=[])
+            done = self.event(
+                "response.output_text.done", **where, content_index=0, text=self.text, logprobs=[]
+            )
         out = [
             done,
             self.event("response.content_part.done", **where, content_index=0, part=part),
@@ -255,7 +266,9 @@ class _Events:
                 item=dict(item, status="in_progress", arguments=""),
             ),
             self.event("response.function_call_arguments.delta", **where, delta=tc.arguments),
-            self.event("response.function_call_arguments.done", **where, arguments=tc.arguments, name=item["name"]),
+            self.event(
+                "response.function_call_arguments.done", **where, arguments=tc.arguments, name=item["name"]
+            ),
             self.event("response.output_item.done", output_index=where["output_index"], item=item),
         ]
 
@@ -268,4 +281,6 @@ async def serve_responses(ctx: Context, req: ResponsesRequest, request, store: R
     chat, names = to_chat(req, items)
     turn = await start_chat(ctx, chat, req.max_output_tokens)
     out = Output(ctx, req, turn, names, items, store)
-    return await run_job(ctx, turn.job, request, out.stream if req.stream else None, out.collect, trailer=None)
+    return await run_job(
+        ctx, turn.job, request, out.stream if req.stream else None, out.collect, trailer=None
+    )

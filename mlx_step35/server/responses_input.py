@@ -88,12 +88,18 @@ def refuse_unsupported(req: ResponsesRequest):
     """400 for every field set to something we cannot honour."""
     fmt = req.text.format.type if req.text and req.text.format else "text"
     if fmt != "text":
-        raise RequestError(f"text.format {fmt!r} is not supported (no constrained decoding): only 'text'", "text")
+        raise RequestError(
+            f"text.format {fmt!r} is not supported (no constrained decoding): only 'text'", "text"
+        )
     bad = [x for x in req.include or () if x not in INCLUDABLE]
     if bad:
-        raise RequestError(f"include {bad[0]!r} is not supported (supported: {', '.join(INCLUDABLE)})", "include")
+        raise RequestError(
+            f"include {bad[0]!r} is not supported (supported: {', '.join(INCLUDABLE)})", "include"
+        )
     if req.truncation == "auto":
-        raise RequestError("truncation 'auto' is not supported: a prompt over the context is a 400", "truncation")
+        raise RequestError(
+            "truncation 'auto' is not supported: a prompt over the context is a 400", "truncation"
+        )
     if req.background:
         raise RequestError("background responses are not supported", "background")
     if req.top_logprobs:
@@ -265,8 +271,16 @@ class _Messages:
             self.reasoning = _reasoning_text(item, where)
         elif kind == "function_call":
             name, call_id, args = item.get("name"), item.get("call_id"), item.get("arguments")
-            if not (isinstance(name, str) and name and isinstance(call_id, str) and call_id and isinstance(args, str)):
-                raise RequestError(f"{where}: a function_call needs call_id, name and arguments (strings)", "input")
+            if not (
+                isinstance(name, str)
+                and name
+                and isinstance(call_id, str)
+                and call_id
+                and isinstance(args, str)
+            ):
+                raise RequestError(
+                    f"{where}: a function_call needs call_id, name and arguments (strings)", "input"
+                )
             if isinstance(item.get("namespace"), str):
                 name = self.flat.get((item["namespace"], name), flat_name(item["namespace"], name))
             msg = self._assistant(fresh=False)
@@ -342,4 +356,3 @@ def call_name(flat: str, names: Dict[str, Tuple[str, str]]) -> dict:
         ns, name = names[flat]
         return {"name": name, "namespace": ns}
     return {"name": flat}
-
