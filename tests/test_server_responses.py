@@ -15,10 +15,12 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_util import running_server
 from test_server_chat import script_checkpoint
 
-from mlx_step35.chat_format import render_prompt
+from mlx_step35.chat_format import Delta, render_prompt
 from mlx_step35.server.chat import render
-from mlx_step35.server.context import keep_alive
-from mlx_step35.server.responses_input import ResponsesRequest, as_items, to_chat
+from mlx_step35.server.context import Settings, keep_alive
+from mlx_step35.server.engine import Failed, Finished, Piece
+from mlx_step35.server.openai_responses import Output
+from mlx_step35.server.responses_input import ResponsesRequest, ResponseStore, as_items, to_chat
 
 SCRIPT = [  # distinct vocabulary entries: the scripted chain never repeats a token
     "Let me check",
@@ -363,3 +365,52 @@ def test_keep_alive_pings_while_nothing_comes():
 
     out = asyncio.run(run())
     assert out[0] == "a" and out[-1] == "b" and 2 <= out.count(":") <= 4 and len(out) == out.count(":") + 2
+
+
+def test_streamed_incomplete(client):
+    events = list(client.responses.create(model="scripted", input="hi", max_output_tokens=2, stream=True))
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    (done,) = [e.item for e in events if e.type == "response.output_item.done"]
+    assert done.type == "reasoning" and done.status == "incomplete" == final.output[0].status
+    assert done.content[0].text == "Let me check the weather."
+
+
+def test_a_failure_mid_stream_is_response_failed():
+    """A generation that fails after some output ends the stream with response.failed carrying
+    the error and the items so far; a cancelled one just ends."""
+
+    class FakeTurn:  # Turn.events' contract: (deltas, engine event) pairs
+        in_reasoning = True
+
+        def __init__(self, last):
+            self.last = last
+
+        async def events(self, events):
+            yield [Delta(reasoning="thinking")], Piece(text="thinking", tokens=[1], logprobs=[])
+            yield [], self.last
+
+    class Ctx:
+        settings = Settings(model_id="m")
+
+    def run(last):
+        req = ResponsesRequest(input="hi", stream=True)
+        out = Output(Ctx(), req, FakeTurn(last), {}, [], ResponseStore())
+
+        async def collect():
+            return [c async for c in out.stream(None)]
+
+        return [json.loads(c.split("data: ", 1)[1]) for c in asyncio.run(collect())]
+
+    events = run(Failed("the engine broke"))
+    assert [e["type"] for e in events[:3]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
+    last = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and last["status"] == "failed"
+    assert last["error"] == {"code": "server_error", "message": "the engine broke"}
+    cancelled = run(Finished("cancelled", 1, 1, 0, 0.0, 0.0, 0.0, None))
+    assert not any(e["type"].startswith(("response.completed", "response.failed")) for e in cancelled)
