@@ -68,10 +68,10 @@ def message_item(item_id: str, text: str, status: str) -> dict:
     }
 
 
-def call_item(item_id: str, tc, names, status: str, arguments: Optional[str] = None) -> dict:
+def call_item(item_id: str, tc, names, status: str) -> dict:
     item = {"id": item_id, "type": "function_call", "status": status, "call_id": tc.id}
     item.update(call_name(tc.name, names))
-    item["arguments"] = tc.arguments if arguments is None else arguments
+    item["arguments"] = tc.arguments
     return item
 
 
