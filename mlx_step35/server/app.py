@@ -19,7 +19,9 @@ from .chat import serve_chat
 from .context import Context, Settings, error, failed_response, run_job
 from .engine import Engine, Failed, Finished, Piece
 from .metrics import Metrics
+from .openai_responses import serve_responses
 from .responses import Envelope, completion_logprobs, error_body, timings, usage
+from .responses_input import ResponsesRequest, ResponseStore
 from .schemas import (
     ChatRequest,
     CompletionRequest,
@@ -206,6 +208,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         return await serve_chat(ctx, req, request)
+
+    stored = ResponseStore()  # for previous_response_id
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await serve_responses(ctx, req, request, stored)
 
     return app
 
