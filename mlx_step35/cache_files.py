@@ -1,17 +1,18 @@
 """Prompt-cache files: safetensors files that cannot be restored damaged, written off the
 generation thread, and an index of a directory of them (`CacheDir`).
 
-Every file's `__metadata__` holds `checksum` = "crc32:<8 hex digits>", the CRC-32 of the whole
-file (the 8-byte header length, the JSON header, every tensor byte) with those 8 digits read as
-"00000000". CRC-32 was chosen by measured speed (benchmarks/checksum_speed.py: the fastest of
-zlib.crc32, zlib.adler32, hashlib's sha256 and blake2b on 1 GB) and detects every error burst of
-up to 32 bits, so any one damaged byte, in the header or the data. `read` checks it while it
-reads the file once, before any tensor is returned.
+Every file's `__metadata__` holds `checksum` = "crc32:<header>:<data>", two CRC-32s in hex: of
+the 8-byte header length and the JSON header (with these 16 digits read as zeros), and of the
+data section (every tensor byte). Together they cover every byte of the file; the header's
+alone lets an index trust a header without reading the data. CRC-32 was chosen by measured
+speed (benchmarks/checksum_speed.py: the fastest of zlib.crc32, zlib.adler32, hashlib's sha256
+and blake2b on 1 GB) and detects every error burst of up to 32 bits, so any one damaged byte.
+`read` checks both while it reads the file once, before any tensor is returned.
 
 `snapshot` runs on the thread that computed the arrays (MLX streams are per thread): it
 evaluates them and takes host views of their memory, without a copy; `write` then runs on any
 thread (`Writer`: one background thread) and is atomic: a temporary name, fsync, `os.replace`.
-A write killed midway leaves only the temporary file, whose checksum field is still zero.
+A write killed midway leaves only the temporary file, whose checksum digits are still zeros.
 """
 
 import json
@@ -34,8 +35,9 @@ import numpy as np
 from .safetensors_io import DTYPES, CheckpointError, read_header
 
 CHECKSUM = "checksum"
-_ZERO = "crc32:00000000"
+_ZERO = "crc32:00000000:00000000"
 _FIELD = b'"checksum":"crc32:'  # quotes inside JSON strings are escaped: this occurs once
+_DIGITS = 17  # "hhhhhhhh:dddddddd" after _FIELD
 TMP_SUFFIX = ".tmp.safetensors"  # temporary files: "." + name + "." + pid + TMP_SUFFIX
 _STORAGE = {mx_t: name for name, (_, mx_t) in DTYPES.items() if name != "F64"}  # mlx dtype -> name
 
@@ -111,7 +113,7 @@ def write(path, snap: Snapshot, fsync: bool = True):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
     head = _header(snap)
     at = head.index(_FIELD) + len(_FIELD)
-    crc = zlib.crc32(head)
+    crc = 0
     try:
         with open(tmp, "wb") as f:
             f.write(head)
@@ -120,7 +122,7 @@ def write(path, snap: Snapshot, fsync: bool = True):
                     f.write(block)
                     crc = zlib.crc32(block, crc)
             f.seek(at)
-            f.write(b"%08x" % crc)
+            f.write(b"%08x:%08x" % (zlib.crc32(head), crc))
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -135,42 +137,58 @@ def write(path, snap: Snapshot, fsync: bool = True):
             os.close(fd)
 
 
+def _header_crc(path: Path, data_start: int, stated: str) -> bytes:
+    """Check the header CRC of `path`, whose checksum is `stated`; returns the data CRC's digits."""
+    with open(path, "rb") as f:
+        head = bytearray(f.read(data_start))
+    at = head.find(_FIELD) + len(_FIELD)
+    digits = bytes(head[at : at + _DIGITS])
+    if at < len(_FIELD) or stated != "crc32:" + digits.decode("ascii", "replace"):
+        raise ChecksumError(f"checksum field {stated!r} is malformed: damaged")
+    head[at : at + _DIGITS] = _ZERO[6:].encode()
+    if f"{zlib.crc32(head):08x}".encode() != digits[:8]:
+        raise ChecksumError(f"header checksum mismatch (stated {stated}): damaged")
+    return digits[9:]
+
+
 def read_metadata(path) -> Dict[str, str]:
-    """The header's metadata after the header is validated; not yet checked against the
-    checksum (`read` does): use it only to decide whether to read the file."""
+    """The header's metadata, validated and, if it has a checksum, checked against it
+    (ChecksumError); the tensor data is not read."""
+    path = Path(path)
     try:
-        return read_header(path)[1]
+        _, meta, data_start = read_header(path)
     except CheckpointError as e:
-        raise PromptCacheError(f"not a readable prompt cache ({e})") from None
+        raise ChecksumError(f"damaged or not a prompt cache ({e})") from None
+    if CHECKSUM in meta:
+        _header_crc(path, data_start, meta[CHECKSUM])
+    return meta
 
 
 def read(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
     """The tensors and metadata of a file written by `write`, read once and returned only if
-    the checksum matches (ChecksumError otherwise; PromptCacheError if it has none)."""
+    both checksums match (ChecksumError otherwise; PromptCacheError if it has none)."""
     path = Path(path)
     try:
         entries, meta, data_start = read_header(path)
     except CheckpointError as e:
         raise ChecksumError(f"damaged or not a prompt cache ({e})") from None
-    stated = meta.get(CHECKSUM)
-    if stated is None:
+    if CHECKSUM not in meta:
         raise PromptCacheError("has no checksum (written before format 2), so it cannot be verified")
+    stated = _header_crc(path, data_start, meta[CHECKSUM])
+    crc, raw = 0, {}
     with open(path, "rb") as f:
-        head = bytearray(f.read(data_start))
-        at = head.find(_FIELD)
-        if at < 0 or head[at + len(_FIELD) : at + len(_FIELD) + 8] != stated[6:].encode():
-            raise ChecksumError(f"checksum field {stated!r} is malformed")
-        head[at + len(_FIELD) : at + len(_FIELD) + 8] = _ZERO[6:].encode()
-        crc = zlib.crc32(head)
-        raw = {}
+        f.seek(data_start)
         for k in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
-            buf = np.empty(entries[k]["data_offsets"][1] - entries[k]["data_offsets"][0], np.uint8)
+            begin, end = entries[k]["data_offsets"]
+            buf = np.empty(end - begin, np.uint8)
             if f.readinto(memoryview(buf)) != buf.nbytes:
                 raise ChecksumError("truncated while reading")
             crc = zlib.crc32(buf, crc)
             raw[k] = buf
-    if stated != f"crc32:{crc:08x}":
-        raise ChecksumError(f"checksum mismatch (stated {stated}, computed crc32:{crc:08x}): damaged")
+    if f"{crc:08x}".encode() != stated:
+        raise ChecksumError(
+            f"checksum mismatch of the data (stated {meta[CHECKSUM]}, computed {crc:08x}): damaged"
+        )
     arrays = {}
     for k in list(raw):
         np_t, mx_t = DTYPES[entries[k]["dtype"]]
