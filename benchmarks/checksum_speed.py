@@ -62,7 +62,9 @@ def main():
             t = time.perf_counter()
             fn(view)
             times[name].append(time.perf_counter() - t)
-    print(f"{platform.machine()} {platform.processor() or ''}, {a.gb:g} GB, {a.rounds} rounds, zlib {zlib.ZLIB_RUNTIME_VERSION}")
+    print(
+        f"{platform.machine()} {platform.processor() or ''}, {a.gb:g} GB, {a.rounds} rounds, zlib {zlib.ZLIB_RUNTIME_VERSION}"
+    )
     print("| hash | median s | GB/s |")
     print("|---|---:|---:|")
     for name, ts in times.items():

@@ -67,15 +67,14 @@ class Snapshot:
 def snapshot(arrays: Dict[str, mx.array], metadata: Dict[str, str]) -> Snapshot:
     """Evaluate `arrays` on this thread and view their memory from the host (no copy; a later
     in-place update of a cache then copies its buffer, never changing what is written)."""
-    bits = {k: a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for k, a in arrays.items()}
-    mx.eval(list(bits.values()))
-    tensors = {}
-    for k, a in arrays.items():
-        if a.dtype not in _STORAGE:
-            raise TypeError(f"prompt cache: tensor {k!r} of dtype {a.dtype} cannot be saved")
-        tensors[k] = (_STORAGE[a.dtype], np.asarray(bits[k]))
     if CHECKSUM in metadata:
         raise ValueError(f"prompt cache: the metadata key {CHECKSUM!r} is reserved")
+    bad = next((k for k, a in arrays.items() if a.dtype not in _STORAGE), None)
+    if bad is not None:
+        raise TypeError(f"prompt cache: tensor {bad!r} of dtype {arrays[bad].dtype} cannot be saved")
+    bits = {k: a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for k, a in arrays.items()}
+    mx.eval(list(bits.values()))
+    tensors = {k: (_STORAGE[a.dtype], np.asarray(bits[k])) for k, a in arrays.items()}
     return Snapshot(tensors, dict(metadata))
 
 
@@ -83,11 +82,11 @@ def _blocks(a: np.ndarray) -> Iterator[memoryview]:
     """`a`'s bytes in row-major order, as few contiguous blocks of its own memory as possible."""
     if a.flags.c_contiguous:
         yield memoryview(a.reshape(-1).view(np.uint8))
-    elif a.ndim > 1:
+    elif a.ndim > 1 and a.nbytes > 1 << 20:  # e.g. [B, H, T, D] sliced along T: one block per head
         for row in a:
             yield from _blocks(row)
     else:
-        yield memoryview(np.ascontiguousarray(a).view(np.uint8))
+        yield memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def _header(snap: Snapshot) -> bytes:
@@ -211,7 +210,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="prompt-cache-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, path: Path, snap: Snapshot, done: Callable[[Optional[OSError]], None]):
+    def submit(self, path: Path, snap: Snapshot, done: Callable[[Optional[Exception]], None]):
         """Queue `snap` for `path`; `done(error or None)` runs on the writer thread after it."""
         with self._cond:
             if self._closed:
@@ -240,6 +239,9 @@ class Writer:
             try:
                 write(path, snap)
             except OSError as e:  # a full disk loses a cache file, never an answer
+                err = e
+            except Exception as e:  # the thread must outlive a bug, or every flush would hang
+                log.exception("prompt cache: writing %s", path)
                 err = e
             finally:
                 del snap  # its views pin cache memory: let it go now
@@ -312,13 +314,14 @@ class CacheDir:
         return self.dir / f"{key[:24]}.safetensors"
 
     def has(self, key: str) -> bool:
-        """Whether the file of `key` is written or being written (marking it most recently used)."""
+        """Whether a usable file of `key` is written or being written (marking it most recently
+        used); an older format's file of that name is not, and is replaced when written."""
         f = self.path(key)
         return f in self._writer.pending() or self._touch(f)
 
     def _touch(self, f: Path) -> bool:
         with self._lock:
-            if f.name not in self._index:
+            if f.name not in self._index or self._index[f.name].tokens is None:
                 return False
             try:
                 os.utime(f)
@@ -332,7 +335,7 @@ class CacheDir:
         f = self.path(key)
         self._writer.submit(f, snap, lambda err: self._written(f, tokens, err))
 
-    def _written(self, f: Path, tokens, err: Optional[OSError]):
+    def _written(self, f: Path, tokens, err: Optional[Exception]):
         """On the writer thread: index the new file and bound the directory."""
         if err is not None:
             warnings.warn(f"prompt cache: could not write {f}: {err}", stacklevel=2)

@@ -114,7 +114,7 @@ def chat(model, tmp_path_factory):
     agent_turns(model, store, turns[:1])
     assert store.close(timeout=60)
     prompt = SYSTEM + turns[0] + cold[0][0][-4:] + turns[1] + [1, 2]
-    return d, prompt, cold[1][0]
+    return d, prompt, cold[1][0], turns
 
 
 def usable(f: Path, prompt) -> int:
@@ -124,7 +124,7 @@ def usable(f: Path, prompt) -> int:
 
 @pytest.mark.parametrize("where", ["data0", "data1", "data2", "header"])
 def test_store_deletes_a_damaged_file_and_prefills_cold(model, chat, where, tmp_path):
-    d, prompt, cold = chat
+    d, prompt, cold, _ = chat
     for f in store_files(d):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     longest = max(store_files(tmp_path), key=lambda f: usable(f, prompt))  # the file a hit reads
@@ -141,6 +141,23 @@ def test_store_deletes_a_damaged_file_and_prefills_cold(model, chat, where, tmp_
     assert not longest.exists() and cont == prompt and pc.cached_tokens == 0
     out, _ = run(model, cont, pc)
     assert out == cold
+
+
+def test_store_treats_format_1_files_as_misses_and_replaces_them(model, chat, tmp_path, recwarn):
+    d, prompt, cold, turns = chat
+    for f in store_files(d):  # the same files as format 1 wrote them: no checksum
+        arrays, meta = mx.load(str(f), return_metadata=True)
+        del meta["checksum"]
+        meta["version"] = "1"
+        mx.save_safetensors(str(tmp_path / f.name), arrays, metadata=meta)
+    store = PromptCacheStore(model, max_bytes=1 << 30, directory=tmp_path)
+    pc, cont = store.acquire(prompt)
+    assert pc.tokens == [] and cont == prompt and run(model, cont, pc)[0] == cold
+    assert [f.name for f in store_files(tmp_path)] == [f.name for f in store_files(d)]  # kept
+    assert not [w for w in recwarn if "prompt cache" in str(w.message)]  # a miss, not damage
+    agent_turns(model, store, turns[:1])  # the same conversation again writes the same names
+    assert store.close(timeout=60)
+    assert {cache_files.read_metadata(f)["version"] for f in store_files(tmp_path)} == {"2"}
 
 
 class Gate:
@@ -182,7 +199,7 @@ def test_a_request_never_waits_for_a_write(model, tmp_path, monkeypatch):
 
 
 def test_index_finds_earlier_files_without_reading_headers_per_miss(model, chat, monkeypatch):
-    d, prompt, cold = chat
+    d, prompt, cold, _ = chat
     reads = []
     real = cache_files.read_header
     monkeypatch.setattr(cache_files, "read_header", lambda f: reads.append(Path(f)) or real(f))
