@@ -17,6 +17,7 @@ A write killed midway leaves only the temporary file, whose checksum digits are 
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -38,6 +39,7 @@ CHECKSUM = "checksum"
 _ZERO = "crc32:00000000:00000000"
 _FIELD = b'"checksum":"crc32:'  # quotes inside JSON strings are escaped: this occurs once
 _DIGITS = 17  # "hhhhhhhh:dddddddd" after _FIELD
+CHUNK = 16 << 20  # bytes per CRC call
 TMP_SUFFIX = ".tmp.safetensors"  # temporary files: "." + name + "." + pid + TMP_SUFFIX
 _STORAGE = {mx_t: name for name, (_, mx_t) in DTYPES.items() if name != "F64"}  # mlx dtype -> name
 
@@ -136,10 +138,11 @@ def write(path, snap: Snapshot, fsync: bool = True):
             os.close(fd)
 
 
-def _header_crc(path: Path, data_start: int, stated: str) -> bytes:
-    """Check the header CRC of `path`, whose checksum is `stated`; returns the data CRC's digits."""
-    with open(path, "rb") as f:
-        head = bytearray(f.read(data_start))
+def _header_crc(f, data_start: int, stated: str) -> bytes:
+    """Check the header CRC of open file `f`, whose checksum is `stated`; returns the data
+    CRC's stated digits."""
+    f.seek(0)
+    head = bytearray(f.read(data_start))
     at = head.find(_FIELD) + len(_FIELD)
     digits = bytes(head[at : at + _DIGITS])
     if at < len(_FIELD) or stated != "crc32:" + digits.decode("ascii", "replace"):
@@ -150,49 +153,46 @@ def _header_crc(path: Path, data_start: int, stated: str) -> bytes:
     return digits[9:]
 
 
-def read_metadata(path) -> Dict[str, str]:
-    """The header's metadata, validated and, if it has a checksum, checked against it
-    (ChecksumError); the tensor data is not read."""
-    path = Path(path)
+def _validated(path: Path) -> Tuple[Dict[str, str], int]:
     try:
         _, meta, data_start = read_header(path)
     except CheckpointError as e:
         raise ChecksumError(f"damaged or not a prompt cache ({e})") from None
+    return meta, data_start
+
+
+def read_metadata(path) -> Dict[str, str]:
+    """The header's metadata, validated and, if it has a checksum, checked against it
+    (ChecksumError); the tensor data is not read."""
+    meta, data_start = _validated(Path(path))
     if CHECKSUM in meta:
-        _header_crc(path, data_start, meta[CHECKSUM])
+        with open(path, "rb") as f:
+            _header_crc(f, data_start, meta[CHECKSUM])
     return meta
 
 
 def read(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
-    """The tensors and metadata of a file written by `write`, read once and returned only if
-    both checksums match (ChecksumError otherwise; PromptCacheError if it has none)."""
+    """The tensors (evaluated) and metadata of a file written by `write`, loaded only after
+    both checksums match (ChecksumError otherwise; PromptCacheError if it has none). The CRC
+    runs over the open file's pages (mmap: no copy) and MLX's reader then loads the tensors
+    from the same open file."""
     path = Path(path)
-    try:
-        entries, meta, data_start = read_header(path)
-    except CheckpointError as e:
-        raise ChecksumError(f"damaged or not a prompt cache ({e})") from None
+    meta, data_start = _validated(path)
     if CHECKSUM not in meta:
         raise PromptCacheError("has no checksum (written before format 2), so it cannot be verified")
-    stated = _header_crc(path, data_start, meta[CHECKSUM])
-    crc, raw = 0, {}
     with open(path, "rb") as f:
-        f.seek(data_start)
-        for k in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
-            begin, end = entries[k]["data_offsets"]
-            buf = np.empty(end - begin, np.uint8)
-            if f.readinto(memoryview(buf)) != buf.nbytes:
-                raise ChecksumError("truncated while reading")
-            crc = zlib.crc32(buf, crc)
-            raw[k] = buf
-    if f"{crc:08x}".encode() != stated:
-        raise ChecksumError(
-            f"checksum mismatch of the data (stated {meta[CHECKSUM]}, computed {crc:08x}): damaged"
-        )
-    arrays = {}
-    for k in list(raw):
-        np_t, mx_t = DTYPES[entries[k]["dtype"]]
-        a = mx.array(raw.pop(k).view(np_t).reshape(entries[k]["shape"]))
-        arrays[k] = a.view(mx.bfloat16) if mx_t == mx.bfloat16 else a
+        stated = _header_crc(f, data_start, meta[CHECKSUM])
+        crc = 0
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+            for i in range(data_start, len(view), CHUNK):
+                crc = zlib.crc32(view[i : i + CHUNK], crc)
+        if f"{crc:08x}".encode() != stated:
+            raise ChecksumError(
+                f"checksum mismatch of the data (stated {meta[CHECKSUM]}, computed {crc:08x}): damaged"
+            )
+        f.seek(0)
+        arrays = mx.load(f, format="safetensors")
+        mx.eval(list(arrays.values()))
     return arrays, meta
 
 
