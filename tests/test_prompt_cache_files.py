@@ -272,3 +272,19 @@ def test_strided_views_of_every_cache_dtype_round_trip(tmp_path):
     for k, a in arrays.items():
         for got in (theirs[k], ours[k]):
             assert got.dtype == a.dtype and got.shape == a.shape and mx.array_equal(got, a), k
+
+
+def test_writer_drops_the_oldest_queued_file_when_it_falls_behind(tmp_path, monkeypatch):
+    gate = Gate(monkeypatch)
+    writer = cache_files.Writer(max_pending=4)
+    snap = cache_files.Snapshot({"x": ("F32", np.ones((2, 3), np.float32))}, {})
+    done = []
+    paths = [tmp_path / f"p{i}.safetensors" for i in range(6)]
+    writer.submit(paths[0], snap, done.append)
+    assert gate.started.wait(60)  # p0 is being written; p1..p5 queue behind it
+    for p in paths[1:]:
+        writer.submit(p, snap, done.append)
+    assert writer.pending() == set(paths) - {paths[1]}  # 4 queued at most: p1 dropped
+    gate.open.set()
+    assert writer.close(timeout=60)
+    assert sorted(tmp_path.iterdir()) == sorted(set(paths) - {paths[1]}) and done == [None] * 5
