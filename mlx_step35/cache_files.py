@@ -7,7 +7,8 @@ data section (every tensor byte). Together they cover every byte of the file; th
 alone lets an index trust a header without reading the data. CRC-32 was chosen by measured
 speed (benchmarks/checksum_speed.py: the fastest of zlib.crc32, zlib.adler32, hashlib's sha256
 and blake2b on 1 GB) and detects every error burst of up to 32 bits, so any one damaged byte.
-`read` checks both while it reads the file once, before any tensor is returned.
+`read` checks both over the open file's pages (mmap) before MLX's reader loads any tensor
+from that same open file.
 
 `snapshot` runs on the thread that computed the arrays (MLX streams are per thread): it
 evaluates them and takes host views of their memory, without a copy; `write` then runs on any
