@@ -386,8 +386,8 @@ class Reply:
             return {"stop_reason": "model_context_window_exceeded" if fitted else "max_tokens"}
         if any(b["type"] == "tool_use" for b in content.blocks):
             return {"stop_reason": "tool_use"}
-        tok = self.ctx.engine.tokenizer
-        if self.turn.gen.stop and tokens and tokens[-1] not in set(tok.eos_token_ids):
+        tok = self.ctx.engine.tokenizer if self.turn.gen.stop else None
+        if tok is not None and tokens and tokens[-1] not in set(tok.eos_token_ids):
             text = await self.ctx.off_loop(tok.decode, tokens)
             found = [(text.find(s), s) for s in self.turn.gen.stop if s in text]
             seq = min(found)[1] if found else self.turn.gen.stop[0]
