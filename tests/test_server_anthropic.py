@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_util import running_server
@@ -561,6 +562,14 @@ def test_bad_json_key_model_and_path_then_a_valid_request(url, client):
     assert client.messages.create(**GOOD).stop_reason == "max_tokens"
     r = httpx.post(url + "/v1/messages", json=GOOD, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 5
+
+
+def test_models_list_reads_in_both_sdks(url, client):
+    (card,) = client.models.list().data
+    assert card.id == "scripted" and card.type == "model"
+    assert client.models.retrieve("scripted").id == "scripted"
+    openai_client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    assert [m.id for m in openai_client.models.list()] == ["scripted"]
 
 
 def test_head_root_answers_200(url):

@@ -59,6 +59,15 @@ def error_response(status: int, message: str, headers=None) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
+def model_card(model_id: str) -> dict:
+    """Anthropic's fields of a GET /v1/models entry (beside OpenAI's)."""
+    return {"type": "model", "display_name": model_id, "created_at": "1970-01-01T00:00:00Z"}
+
+
+def model_page(model_id: str) -> dict:
+    return {"has_more": False, "first_id": model_id, "last_id": model_id}
+
+
 # ---------------------------------------------------------------------------------------------
 # requests
 
