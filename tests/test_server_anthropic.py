@@ -540,6 +540,8 @@ def test_bad_json_key_model_and_path_then_a_valid_request(url, client):
         "JSON",
     )
     assert_error(post(url, GOOD, key="wrong"), 401, "authentication_error", "x-api-key")
+    big = b"x" * (16 * 2**20 + 1)  # over the server's default --max-body-bytes
+    assert_error(post(url, None, content=big), 413, "request_too_large", "limit")
     assert_error(post(url, dict(GOOD, model="claude-opus-4")), 404, "not_found_error", "claude-opus-4")
     assert_error(post(url, GOOD, path="/v1/messages/nope"), 404, "not_found_error")
     assert_error(httpx.get(url + "/v1/messages", headers={"x-api-key": KEY}), 405, "invalid_request_error")
