@@ -210,11 +210,12 @@ def test_keepalive_pings_only_before_the_first_event():
     assert out[-2:] == ["a", "b"] and 2 <= len(out) - 2 <= 4 and set(out[:-2]) == {None}
 
 
-def stream_events(events, monkeypatch, ping_s=5.0) -> list:
-    """(event name, data) of Reply.stream over scripted engine events, in process."""
+def stream_events(events, monkeypatch, ping_s=5.0, room=5) -> list:
+    """(event name, data) of Reply.stream over scripted engine events, in process; the request
+    asks for max_tokens=5, of which the context leaves `room`."""
     monkeypatch.setattr(protocol, "PING_S", ping_s)
     req = MessagesRequest(model="m", max_tokens=5, messages=USER, stream=True)
-    gen = GenRequest(prompt=[1, 2, 3], max_tokens=5, sampler=make_sampler())
+    gen = GenRequest(prompt=[1, 2, 3], max_tokens=min(5, room), sampler=make_sampler())
     reply = Reply(None, Turn(chat_request(req), [1, 2, 3], True, gen, None, "m"), req)
 
     async def run():
@@ -246,6 +247,16 @@ def test_stream_pings_while_prefilling_then_ends_with_message_stop(monkeypatch):
         d["delta"].get("text") or d["delta"].get("thinking") for n, d in out if n == "content_block_delta"
     ]
     assert [t for t in texts if t] == ["Hmm.", "Yes"]
+
+
+@pytest.mark.parametrize("room, reason", [(5, "max_tokens"), (2, "model_context_window_exceeded")])
+def test_length_is_max_tokens_or_the_context_window(monkeypatch, room, reason):
+    async def events():
+        yield Piece("Hmm", [7, 8], [])
+        yield Finished("length", 3, min(5, room), 0, 0.0, 0.1, 0.1, SpecStats())
+
+    out = stream_events(events, monkeypatch, room=room)
+    assert out[-2][1]["delta"]["stop_reason"] == reason
 
 
 def test_a_failure_mid_stream_is_an_error_event(monkeypatch):
