@@ -58,8 +58,10 @@ class Context:
             )
 
     def gen_request(
-        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs
+        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs, fit_context=False
     ) -> GenRequest:
+        """The validated GenRequest; `fit_context`: a max_tokens beyond the context's room is
+        lowered to it (Anthropic's behaviour) instead of refused (OpenAI's)."""
         s = self.settings
         vocab = self.engine.model.args.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
@@ -69,11 +71,14 @@ class Context:
         room = self.engine.context_length - len(prompt)
         if room < 1:
             raise RequestError(
-                f"the prompt has {len(prompt)} tokens; the model's context is {self.engine.context_length}",
+                f"prompt is too long: {len(prompt)} tokens > {self.engine.context_length} maximum "
+                "(the model's context)",
                 "messages" if hasattr(req, "messages") else "prompt",
             )
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        if fit_context and max_tokens is not None:
+            max_tokens = min(max_tokens, room)
         if max_tokens is not None and max_tokens > room:
             raise RequestError(
                 f"max_tokens {max_tokens} + the prompt's {len(prompt)} tokens exceed the model's context "
@@ -150,6 +155,24 @@ async def run_job(ctx: Context, job, request: Request, stream_fn, collect_fn, tr
     finally:
         job.cancel()
         watcher.cancel()
+
+
+async def keepalive(events, interval: float):
+    """`events`, with a None yielded every `interval` seconds while the first one is awaited
+    (a long prompt's prefill): the caller writes its protocol's keep-alive for it."""
+    it = events.__aiter__()
+    first = asyncio.ensure_future(it.__anext__())
+    try:
+        while not (await asyncio.wait({first}, timeout=interval))[0]:
+            yield None
+        try:
+            yield first.result()
+        except StopAsyncIteration:
+            return
+        async for ev in it:
+            yield ev
+    finally:
+        first.cancel()
 
 
 def failed_response(ev: Failed):

@@ -1,0 +1,418 @@
+"""POST /v1/messages (Anthropic's Messages API) on the checkpoint scripted to emit a Step reply
+with reasoning and a tool call (test_server_chat.py): through the `anthropic` SDK (create,
+stream, count_tokens), against /v1/chat/completions for the same conversation (same prompt
+tokens, same reply, consistent usage and prompt-cache reads), and bad input in Anthropic's
+error shape."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import anthropic
+import httpx
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from server_util import running_server
+from test_server_chat import SCRIPT, TOOLS, USER, script_checkpoint
+
+from mlx_step35.server.anthropic import CountTokensRequest, MessagesRequest, chat_request
+from mlx_step35.server.chat import render
+from mlx_step35.server.context import keepalive
+from mlx_step35.server.schemas import ChatRequest, RequestError
+
+KEY = "sk-test-anthropic"
+A_TOOLS = [  # TOOLS (OpenAI's shape) as Anthropic tools
+    {
+        "name": t["function"]["name"],
+        "description": t["function"]["description"],
+        "input_schema": t["function"]["parameters"],
+    }
+    for t in TOOLS
+]
+REPLY_BLOCKS = [  # what the scripted reply is, read from SCRIPT by hand
+    ("thinking", "Let me check the weather."),
+    ("text", "I will call a tool."),
+    ("tool_use", ("get_weather", {"city": "Paris", "days": 3})),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return script_checkpoint(tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def url(ckpt):
+    script = Path(__file__).with_name("serve_scripted.py")
+    with running_server(["--ckpt", ckpt, "--api-key", KEY, "--prompt-cache-gb", 0.5], script=script) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def chat(url, messages, **kw):
+    body = dict(model="scripted", messages=messages, tools=TOOLS, **kw)
+    r = httpx.post(
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def blocks(message) -> list:
+    """(type, payload) of each content block, ids left out (they are random)."""
+    out = []
+    for b in message.content:
+        if b.type == "thinking":
+            out.append(("thinking", b.thinking))
+        elif b.type == "text":
+            out.append(("text", b.text))
+        else:
+            out.append((b.type, (b.name, b.input)))
+    return out
+
+
+def history(message) -> list:
+    """USER, the reply echoed back as Anthropic clients do, and a tool result for its call."""
+    call = next(b for b in message.content if b.type == "tool_use")
+    return USER + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"}],
+        },
+    ]
+
+
+CHAT_HISTORY = USER + [  # history() in OpenAI's shape
+    {
+        "role": "assistant",
+        "content": "I will call a tool.",
+        "reasoning_content": "Let me check the weather.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# translation, in process: the same prompt tokens as the chat request
+
+
+def test_translation_renders_the_chat_prompt(ckpt):
+    tok = load_tokenizer(ckpt)
+    signed = [
+        {"type": "thinking", "thinking": "Let me check the weather.", "signature": "x"},
+        {"type": "redacted_thinking", "data": "opaque"},
+        {"type": "text", "text": "I will call a tool.", "cache_control": {"type": "ephemeral"}},
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 3}},
+    ]
+    body = {
+        "model": "scripted",
+        "max_tokens": 10,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=abcde;"},
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": USER
+        + [
+            {"role": "assistant", "content": signed},
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "sunny, 21 C"}],
+                    }
+                ],
+            },
+        ],
+        "tools": A_TOOLS,
+    }
+    ids = render(tok, chat_request(MessagesRequest(**body)))[0]
+    want = ChatRequest(messages=[{"role": "system", "content": "Be brief."}] + CHAT_HISTORY, tools=TOOLS)
+    assert ids == render(tok, want)[0]
+    assert "cch=" not in tok.decode(ids)  # the per-request billing header would defeat the prompt cache
+
+
+def test_mid_conversation_system_message_is_a_system_turn(ckpt):
+    tok = load_tokenizer(ckpt)
+    body = {
+        "model": "scripted",
+        "system": "Rules.",
+        "messages": USER + [{"role": "system", "content": [{"type": "text", "text": "Reminder: be brief."}]}],
+    }
+    text = tok.decode(render(tok, chat_request(CountTokensRequest(**body)))[0])
+    assert text.endswith(
+        "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n"
+        "<|im_start|>system\nReminder: be brief.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
+    assert "<|im_start|>system\nRules.<|im_end|>" in text
+
+
+def test_tool_choice_and_error_results_translate():
+    body = {"model": "m", "max_tokens": 5, "messages": USER, "tools": A_TOOLS}
+    for choice, want in [
+        ({"type": "auto"}, "auto"),
+        ({"type": "any"}, "required"),
+        ({"type": "none"}, "none"),
+        ({"type": "tool", "name": "get_weather"}, {"type": "function", "function": {"name": "get_weather"}}),
+    ]:
+        assert chat_request(MessagesRequest(**body, tool_choice=choice)).tool_choice == want
+    msgs = USER + [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "is_error": True, "content": "boom"},
+                {"type": "text", "text": "and now?"},
+            ],
+        },
+    ]
+    out = chat_request(MessagesRequest(**dict(body, messages=msgs))).messages
+    assert out[-2:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "Error: boom"},
+        {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+    ]
+    with pytest.raises(RequestError, match="disable_parallel_tool_use"):
+        chat_request(MessagesRequest(**body, tool_choice={"type": "auto", "disable_parallel_tool_use": True}))
+
+
+def test_keepalive_pings_only_before_the_first_event():
+    async def events():
+        await asyncio.sleep(0.35)
+        yield "a"
+        await asyncio.sleep(0.35)  # a slow token later: no keep-alive any more
+        yield "b"
+
+    async def run():
+        return [x async for x in keepalive(events(), 0.1)]
+
+    out = asyncio.run(run())
+    assert out[-2:] == ["a", "b"] and 2 <= len(out) - 2 <= 4 and set(out[:-2]) == {None}
+
+
+# ---------------------------------------------------------------------------------------------
+# the server, through the anthropic SDK
+
+
+def test_create_with_tools_equals_chat_completions(url, client):
+    msg = client.messages.create(model="scripted", max_tokens=200, messages=USER, tools=A_TOOLS)
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == "scripted"
+    assert blocks(msg) == REPLY_BLOCKS
+    assert msg.stop_reason == "tool_use" and msg.stop_sequence is None
+    call = msg.content[2]
+    assert call.id.startswith("toolu_") and msg.content[0].signature
+    ref = chat(url, USER)
+    m = ref["choices"][0]["message"]
+    assert (m["reasoning_content"], m["content"]) == (msg.content[0].thinking, msg.content[1].text)
+    assert json.loads(m["tool_calls"][0]["function"]["arguments"]) == call.input
+    u = ref["usage"]
+    assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens == u["prompt_tokens"]
+    assert msg.usage.output_tokens == u["completion_tokens"] == len(SCRIPT) + 1
+    assert msg.usage.cache_creation_input_tokens == 0
+
+
+def test_prompt_cache_reads_match_chat_completions(url, client):
+    """The same conversation through either endpoint reads the same number of prompt tokens
+    from the cache: only possible if both prompts are the same tokens up to there."""
+    first = client.messages.create(model="scripted", max_tokens=200, messages=USER, tools=A_TOOLS)
+    msgs = history(first)
+    chat(url, CHAT_HISTORY)
+    again = chat(url, CHAT_HISTORY)["usage"]
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["prompt_tokens"]
+    msg = client.messages.create(model="scripted", max_tokens=200, messages=msgs, tools=A_TOOLS)
+    assert msg.usage.cache_read_input_tokens == cached
+    assert msg.usage.input_tokens == again["prompt_tokens"] - cached
+    assert blocks(msg) == REPLY_BLOCKS  # the script ignores the prompt: the same reply
+    n = client.messages.count_tokens(model="scripted", messages=msgs, tools=A_TOOLS).input_tokens
+    assert n == again["prompt_tokens"] == msg.usage.input_tokens + msg.usage.cache_read_input_tokens
+
+
+def test_stream_equals_create(client):
+    kw = dict(model="scripted", max_tokens=200, messages=USER, tools=A_TOOLS)
+    with client.messages.stream(**kw) as stream:
+        kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in stream]
+        streamed = stream.get_final_message()
+    made = client.messages.create(**kw)
+    assert blocks(streamed) == blocks(made) == REPLY_BLOCKS
+    assert streamed.content[0].signature == made.content[0].signature  # a hash of the thinking
+    assert (streamed.stop_reason, streamed.usage.output_tokens) == (
+        made.stop_reason,
+        made.usage.output_tokens,
+    )
+    assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == (
+        made.usage.input_tokens + made.usage.cache_read_input_tokens
+    )
+    raw = [
+        k
+        for k in kinds
+        if k[0]
+        in ("message_start", "content_block_start", "content_block_stop", "message_delta", "message_stop")
+        or k[1]
+    ]
+    assert raw[0] == ("message_start", None) and raw[-2:] == [("message_delta", None), ("message_stop", None)]
+    assert ("content_block_delta", "signature_delta") in raw and (
+        "content_block_delta",
+        "input_json_delta",
+    ) in raw
+    assert [k for k in raw if k[0] == "content_block_start"] == [("content_block_start", None)] * 3
+
+
+def test_stream_with_tool_result_in_history(url, client):
+    first = client.messages.create(model="scripted", max_tokens=200, messages=USER, tools=A_TOOLS)
+    with client.messages.stream(model="scripted", max_tokens=3, messages=history(first), tools=A_TOOLS) as s:
+        msg = s.get_final_message()
+    assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 3
+    assert blocks(msg) == [("thinking", "Let me check the weather.")]  # SCRIPT's first 3 pieces
+    n = client.messages.count_tokens(model="scripted", messages=history(first), tools=A_TOOLS).input_tokens
+    assert n == chat(url, CHAT_HISTORY, max_tokens=1)["usage"]["prompt_tokens"]
+
+
+def test_stop_sequences(client):
+    msg = client.messages.create(
+        model="scripted", max_tokens=200, messages=USER, tools=A_TOOLS, stop_sequences=["tool.", "call a"]
+    )
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "call a"
+    assert blocks(msg) == [("thinking", "Let me check the weather."), ("text", "I will ")]
+
+
+def test_max_tokens_beyond_the_context_is_fitted(url, client):
+    msg = client.messages.create(model="scripted", max_tokens=10**7, messages=USER, tools=A_TOOLS)
+    assert msg.stop_reason == "tool_use"  # OpenAI's endpoint refuses such a max_tokens
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": USER, "max_tokens": 10**7},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: Anthropic's error shape, and the server still serves
+
+
+def post(url, body, path="/v1/messages?beta=true", key=KEY, **kw):
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219"}
+    return httpx.post(
+        url + path, headers=headers, timeout=60, **kw, **({} if "content" in kw else {"json": body})
+    )
+
+
+def assert_error(r, status, kind, *words):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind, body
+    for w in words:
+        assert w in body["error"]["message"], body
+
+
+GOOD = {"model": "scripted", "max_tokens": 5, "messages": USER}
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"model": "scripted", "messages": USER}, ["max_tokens"]),
+        (dict(GOOD, max_tokens="many"), ["max_tokens"]),
+        (dict(GOOD, max_tokens=0), ["max_tokens"]),
+        (dict(GOOD, messages="hi"), ["messages"]),
+        (dict(GOOD, messages=[{"role": "user", "content": 5}]), ["messages.0.content"]),
+        (dict(GOOD, messages=[{"role": "user", "content": [{"type": "video", "url": "x"}]}]), ["'video'"]),
+        (
+            dict(GOOD, messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+            ["text only"],
+        ),
+        (dict(GOOD, messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}]), ["text"]),
+        (dict(GOOD, messages=[{"role": "robot", "content": "hi"}]), ["role"]),
+        (
+            dict(
+                GOOD,
+                messages=USER
+                + [
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "toolu_nope", "content": "x"}],
+                    }
+                ],
+            ),
+            ["toolu_nope"],
+        ),
+        (
+            dict(
+                GOOD,
+                messages=USER
+                + [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t", "name": "get_weather", "input": "Paris"}],
+                    },
+                    USER[0],
+                ],
+            ),
+            ["input"],
+        ),
+        (dict(GOOD, messages=USER + [{"role": "assistant", "content": "Sure"}]), ["prefill"]),
+        (dict(GOOD, tools=[{"type": "web_search_20250305", "name": "web_search"}]), ["web_search_20250305"]),
+        (dict(GOOD, tools=[{"name": "f"}]), ["input_schema"]),
+        (dict(GOOD, tool_choice={"type": "maybe"}), ["tool_choice"]),
+        (dict(GOOD, tool_choice={"type": "tool", "name": "nope"}, tools=A_TOOLS), ["nope"]),
+        (dict(GOOD, thinking={"type": "sometimes"}), ["thinking"]),
+        (dict(GOOD, output_config={"format": {"type": "json_schema", "schema": {}}}), ["format"]),
+        (dict(GOOD, frobnicate=1), ["frobnicate"]),
+        (dict(GOOD, temperature="hot"), ["temperature"]),
+        (dict(GOOD, num_draft=99), ["num_draft"]),
+    ],
+)
+def test_bad_request(url, body, words):
+    assert_error(post(url, body), 400, "invalid_request_error", *words)
+
+
+def test_bad_json_key_model_and_path_then_a_valid_request(url, client):
+    assert_error(
+        post(url, None, content=b'{"model": "scripted", "max_tokens": 5,'),
+        400,
+        "invalid_request_error",
+        "JSON",
+    )
+    assert_error(post(url, GOOD, key="wrong"), 401, "authentication_error", "x-api-key")
+    assert_error(post(url, dict(GOOD, model="claude-opus-4")), 404, "not_found_error", "claude-opus-4")
+    assert_error(post(url, GOOD, path="/v1/messages/nope"), 404, "not_found_error")
+    assert_error(httpx.get(url + "/v1/messages", headers={"x-api-key": KEY}), 405, "invalid_request_error")
+    assert_error(
+        post(url, {"model": "scripted"}, path="/v1/messages/count_tokens"),
+        400,
+        "invalid_request_error",
+        "messages",
+    )
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(**GOOD)
+    # the OpenAI routes keep OpenAI's shape
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": USER}, headers={"x-api-key": "wrong"})
+    assert (
+        r.status_code == 401
+        and r.json()["error"]["type"] == "authentication_error"
+        and "type" not in r.json()
+    )
+    # and the server still serves: x-api-key and Bearer both work
+    assert client.messages.create(**GOOD).stop_reason == "max_tokens"
+    r = httpx.post(url + "/v1/messages", json=GOOD, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 5
+
+
+def test_head_root_answers_200(url):
+    assert httpx.head(url + "/").status_code == 200  # Claude Code's probe, no key needed
