@@ -21,7 +21,9 @@ from .chat import serve_chat
 from .context import Context, Settings, error, failed_response, run_job
 from .engine import Engine, Failed, Finished, Piece
 from .metrics import Metrics
+from .openai_responses import serve_responses
 from .responses import Envelope, completion_logprobs, error_body, timings, usage
+from .responses_input import ResponsesRequest, ResponseStore
 from .schemas import (
     ChatRequest,
     CompletionRequest,
@@ -235,6 +237,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.post(anthropic.PREFIX + "/count_tokens")
     async def count_tokens(req: anthropic.CountTokensRequest):
         return await anthropic.count_tokens(ctx, req)
+
+    stored = ResponseStore()  # for previous_response_id
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await serve_responses(ctx, req, request, stored)
 
     return app
 

@@ -174,6 +174,28 @@ async def keepalive(events, interval: float):
     finally:
         first.cancel()
 
+async def keep_alive(chunks, every_s: float, ping: str):
+    """`chunks` (an async iterator), with `ping` yielded whenever the next chunk takes longer than
+    `every_s`: an SSE comment while a long prompt is prefilled keeps clients and proxies from
+    giving up on an idle stream."""
+    it, pending = chunks.__aiter__(), None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield ping
+                continue
+            pending, task = None, pending
+            try:
+                chunk = task.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+
 
 def failed_response(ev: Failed):
     return error(500, ev.message, kind="server_error")
