@@ -19,7 +19,19 @@ PACKAGES = {
     "codex": ("@openai/codex", "0.171.0", "codex"),
     "opencode": ("opencode-ai", "1.18.33", "opencode"),
 }
-API_KEY = "sk-local"  # the server runs without --api-key: any key passes
+API_KEY = "unused"  # the server runs without --api-key: any key passes
+README_URL, README_MODEL = "http://127.0.0.1:8080", "Step-3.5-Flash-4bit"  # as the recipes write them
+
+
+def readme_recipe(lang: str, url: str, model: str) -> str:
+    """The first ```LANG block of the README's "Agent CLIs" section, for a server at `url` serving
+    `model`: the tests run the recipes as the README writes them."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Agent CLIs", 1)[1].split("\n## ", 1)[0]
+    m = re.search(rf"```{lang}\n(.*?)```", section, re.S)
+    if m is None:
+        raise AssertionError(f"README.md: no ```{lang} block in the Agent CLIs section")
+    return m[1].replace(README_URL, url).replace(README_MODEL, model)
 
 
 def installed(client: str) -> Optional[Path]:
@@ -66,17 +78,13 @@ def base_env(home: Path, cwd: Path) -> dict:
 
 def claude_env(url: str, model: str, home: Path, cwd: Path) -> dict:
     env = base_env(home, cwd)
+    for line in readme_recipe("bash", url, model).splitlines():  # export NAME=VALUE  # comment
+        m = re.match(r"export (\w+)=(\S+)", line.strip())
+        if m:
+            env[m[1]] = m[2]
+    assert env.get("ANTHROPIC_BASE_URL") == url and env.get("ANTHROPIC_MODEL") == model, env
     env.update(
-        ANTHROPIC_BASE_URL=url,  # no /v1: the client adds /v1/messages
-        ANTHROPIC_API_KEY=API_KEY,
-        ANTHROPIC_MODEL=model,
-        ANTHROPIC_SMALL_FAST_MODEL=model,  # background calls (titles, summaries)
-        ANTHROPIC_DEFAULT_HAIKU_MODEL=model,
-        ANTHROPIC_DEFAULT_SONNET_MODEL=model,
-        ANTHROPIC_DEFAULT_OPUS_MODEL=model,
-        CLAUDE_CODE_MAX_OUTPUT_TOKENS="4096",
         CLAUDE_CONFIG_DIR=str(home / ".claude"),
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",  # no telemetry, error reports, update checks
         DISABLE_TELEMETRY="1",
         DISABLE_ERROR_REPORTING="1",
         DISABLE_AUTOUPDATER="1",
@@ -100,17 +108,9 @@ def codex_home(url: str, model: str, home: Path) -> Path:
 
 
 def codex_config(url: str, model: str) -> str:
-    return (
-        f'model = "{model}"\n'
-        'model_provider = "mlx"\n'
-        "check_for_update_on_startup = false\n"
-        "[analytics]\nenabled = false\n"
-        "[model_providers.mlx]\n"
-        'name = "mlx-step35"\n'
-        f'base_url = "{url}/v1"\n'
-        'wire_api = "responses"\n'
-        'env_key = "MLX_STEP35_API_KEY"\n'
-    )
+    # the README's recipe, with no update check and no analytics (top-level keys go first)
+    toml = readme_recipe("toml", url, model)
+    return "check_for_update_on_startup = false\n" + toml + "\n[analytics]\nenabled = false\n"
 
 
 def codex_env(url: str, model: str, home: Path, cwd: Path) -> dict:
@@ -127,21 +127,10 @@ def codex_cmd(exe: Path, prompt: str, cwd: Path, resume: bool = False) -> list:
 
 
 def opencode_config(url: str, model: str) -> dict:
-    return {
-        "$schema": "https://opencode.ai/config.json",
-        "provider": {
-            "mlx": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "mlx-step35",
-                "options": {"baseURL": f"{url}/v1", "apiKey": API_KEY},
-                "models": {model: {"name": model, "limit": {"context": 262144, "output": 4096}}},
-            }
-        },
-        "model": f"mlx/{model}",
-        "permission": {"bash": "allow", "edit": "allow"},
-        "autoupdate": False,
-        "share": "disabled",
-    }
+    """The README's opencode.json, plus: shell commands allowed, no auto-update, no sharing."""
+    cfg = json.loads(readme_recipe("json", url, model))
+    cfg.update(permission={"bash": "allow", "edit": "allow"}, autoupdate=False, share="disabled")
+    return cfg
 
 
 def opencode_env(url: str, model: str, home: Path, cwd: Path) -> dict:
