@@ -10,15 +10,20 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_util import running_server
 from test_server_chat import SCRIPT, TOOLS, USER, script_checkpoint
 
-from mlx_step35.server.anthropic import CountTokensRequest, MessagesRequest, chat_request
-from mlx_step35.server.chat import render
+from mlx_step35.sampling import make_sampler
+from mlx_step35.server import anthropic as protocol
+from mlx_step35.server.anthropic import CountTokensRequest, MessagesRequest, Reply, chat_request
+from mlx_step35.server.chat import Turn, render
 from mlx_step35.server.context import keepalive
+from mlx_step35.server.engine import Failed, Finished, GenRequest, Piece
 from mlx_step35.server.schemas import ChatRequest, RequestError
+from mlx_step35.speculative import SpecStats
 
 KEY = "sk-test-anthropic"
 A_TOOLS = [  # TOOLS (OpenAI's shape) as Anthropic tools
@@ -205,6 +210,57 @@ def test_keepalive_pings_only_before_the_first_event():
     assert out[-2:] == ["a", "b"] and 2 <= len(out) - 2 <= 4 and set(out[:-2]) == {None}
 
 
+def stream_events(events, monkeypatch, ping_s=5.0) -> list:
+    """(event name, data) of Reply.stream over scripted engine events, in process."""
+    monkeypatch.setattr(protocol, "PING_S", ping_s)
+    req = MessagesRequest(model="m", max_tokens=5, messages=USER, stream=True)
+    gen = GenRequest(prompt=[1, 2, 3], max_tokens=5, sampler=make_sampler())
+    reply = Reply(None, Turn(chat_request(req), [1, 2, 3], True, gen, None, "m"), req)
+
+    async def run():
+        return [chunk async for chunk in reply.stream(events())]
+
+    out = []
+    for chunk in asyncio.run(run()):
+        head, data = chunk.strip().split("\n")
+        out.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+def test_stream_pings_while_prefilling_then_ends_with_message_stop(monkeypatch):
+    async def events():
+        await asyncio.sleep(0.5)  # a long prefill
+        yield Piece("Hmm.\n</think>\nYes", [7, 8], [])
+        yield Finished("stop", 3, 3, 1, 0.0, 0.5, 0.0, SpecStats())
+
+    out = stream_events(events, monkeypatch, ping_s=0.1)
+    names = [n for n, _ in out]
+    assert names[0] == "message_start" and 3 <= names.count("ping") <= 5
+    assert names[1 : 1 + names.count("ping")] == ["ping"] * names.count("ping")  # only before the reply
+    assert all(n == d["type"] for n, d in out)
+    assert names[-2:] == ["message_delta", "message_stop"]
+    delta = out[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"]["input_tokens"] == 2 and delta["usage"]["cache_read_input_tokens"] == 1
+    texts = [
+        d["delta"].get("text") or d["delta"].get("thinking") for n, d in out if n == "content_block_delta"
+    ]
+    assert [t for t in texts if t] == ["Hmm.", "Yes"]
+
+
+def test_a_failure_mid_stream_is_an_error_event(monkeypatch):
+    async def events():
+        yield Piece("Let me", [7], [])
+        yield Failed("generation failed: RuntimeError: boom")
+
+    out = stream_events(events, monkeypatch)
+    assert out[-1] == (
+        "error",
+        {"type": "error", "error": {"type": "api_error", "message": "generation failed: RuntimeError: boom"}},
+    )
+    assert "message_stop" not in [n for n, _ in out]
+
+
 # ---------------------------------------------------------------------------------------------
 # the server, through the anthropic SDK
 
@@ -302,6 +358,100 @@ def test_max_tokens_beyond_the_context_is_fitted(url, client):
     assert r.status_code == 400
 
 
+def claude_code_body(cch: str, messages: list) -> dict:
+    """A request shaped as Claude Code 2.1.197 sends it (../shared/AGENT_CLIENTS.md)."""
+    return {
+        "model": "scripted",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {
+                "type": "text",
+                "text": f"x-anthropic-billing-header: cc_version=2.1.197.a1b; cc_entrypoint=cli; cch={cch};",
+            },
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Be concise. " * 40, "cache_control": {"type": "ephemeral"}},
+        ],
+        "tools": [dict(t, cache_control={"type": "ephemeral"}) for t in A_TOOLS],
+        "messages": messages,
+        "metadata": {"user_id": "user_0123_account__session_4567"},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+    }
+
+
+def test_claude_code_shaped_session_reuses_the_prompt_cache(url):
+    headers = {
+        "Authorization": f"Bearer {KEY}",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,mid-conversation-system-2026-04-07",
+        "x-app": "cli",
+        "X-Claude-Code-Session-Id": "0b7f6f52-6a35-4bd4-a4a3-1d0f5a8e9c11",
+    }
+    first = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "<system-reminder>Today is Monday.</system-reminder>"},
+                {
+                    "type": "text",
+                    "text": "What is the weather in Paris?",
+                    "cache_control": {"type": "ephemeral"},
+                },
+            ],
+        },
+        {"role": "system", "content": "Mid-conversation system prompt."},
+    ]
+
+    def turn(cch, messages):
+        events = []
+        with httpx.stream(
+            "POST",
+            url + "/v1/messages?beta=true",
+            json=claude_code_body(cch, messages),
+            headers=headers,
+            timeout=60,
+        ) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        return events
+
+    events = turn("1a2b3", first)
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "text", "tool_use"]
+    sig = next(
+        e["delta"]["signature"]
+        for e in events
+        if e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta"
+    )
+    call = starts[2]
+    echoed = {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "Let me check the weather.", "signature": sig},
+            {"type": "text", "text": "I will call a tool."},
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": call["name"],
+                "input": {"city": "Paris", "days": 3},
+            },
+        ],
+    }
+    result = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}],
+    }
+    events = turn("9f8e7", first + [echoed, result])  # a new billing nonce, as every request has
+    usage = events[-2]["usage"]
+    prompt = usage["input_tokens"] + usage["cache_read_input_tokens"]
+    # the whole first prompt but its last few tokens is reused: the nonce was not in the prompt
+    assert usage["cache_read_input_tokens"] > prompt / 2, usage
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: Anthropic's error shape, and the server still serves
 
@@ -390,6 +540,8 @@ def test_bad_json_key_model_and_path_then_a_valid_request(url, client):
         "JSON",
     )
     assert_error(post(url, GOOD, key="wrong"), 401, "authentication_error", "x-api-key")
+    big = b"x" * (16 * 2**20 + 1)  # over the server's default --max-body-bytes
+    assert_error(post(url, None, content=big), 413, "request_too_large", "limit")
     assert_error(post(url, dict(GOOD, model="claude-opus-4")), 404, "not_found_error", "claude-opus-4")
     assert_error(post(url, GOOD, path="/v1/messages/nope"), 404, "not_found_error")
     assert_error(httpx.get(url + "/v1/messages", headers={"x-api-key": KEY}), 405, "invalid_request_error")
@@ -412,6 +564,14 @@ def test_bad_json_key_model_and_path_then_a_valid_request(url, client):
     assert client.messages.create(**GOOD).stop_reason == "max_tokens"
     r = httpx.post(url + "/v1/messages", json=GOOD, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 5
+
+
+def test_models_list_reads_in_both_sdks(url, client):
+    (card,) = client.models.list().data
+    assert card.id == "scripted" and card.type == "model"
+    assert client.models.retrieve("scripted").id == "scripted"
+    openai_client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    assert [m.id for m in openai_client.models.list()] == ["scripted"]
 
 
 def test_head_root_answers_200(url):

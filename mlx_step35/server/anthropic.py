@@ -59,6 +59,15 @@ def error_response(status: int, message: str, headers=None) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
+def model_card(model_id: str) -> dict:
+    """Anthropic's fields of a GET /v1/models entry (beside OpenAI's)."""
+    return {"type": "model", "display_name": model_id, "created_at": "1970-01-01T00:00:00Z"}
+
+
+def model_page(model_id: str) -> dict:
+    return {"has_more": False, "first_id": model_id, "last_id": model_id}
+
+
 # ---------------------------------------------------------------------------------------------
 # requests
 
@@ -386,8 +395,8 @@ class Reply:
             return {"stop_reason": "model_context_window_exceeded" if fitted else "max_tokens"}
         if any(b["type"] == "tool_use" for b in content.blocks):
             return {"stop_reason": "tool_use"}
-        tok = self.ctx.engine.tokenizer
-        if self.turn.gen.stop and tokens and tokens[-1] not in set(tok.eos_token_ids):
+        tok = self.ctx.engine.tokenizer if self.turn.gen.stop else None
+        if tok is not None and tokens and tokens[-1] not in set(tok.eos_token_ids):
             text = await self.ctx.off_loop(tok.decode, tokens)
             found = [(text.find(s), s) for s in self.turn.gen.stop if s in text]
             seq = min(found)[1] if found else self.turn.gen.stop[0]

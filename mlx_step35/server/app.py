@@ -199,10 +199,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     card = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}
+    card.update(anthropic.model_card(settings.model_id))  # one listing both SDKs read
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card], **anthropic.model_page(settings.model_id)}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
