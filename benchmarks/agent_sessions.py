@@ -82,7 +82,9 @@ def analyse(requests, log_lines, tokenizer):
                 f"request {j_best + 1} had {tokenizer.decode(q[best : best + 12])!r}, "
                 f"this one {tokenizer.decode(p[best : best + 12])!r} after {before!r}"
             )
-        rows.append(dict(request=i + 1, prompt=len(p), cached=cached, shared=best, earlier=j_best, where=where))
+        rows.append(
+            dict(request=i + 1, prompt=len(p), cached=cached, shared=best, earlier=j_best, where=where)
+        )
     return rows
 
 
@@ -107,7 +109,9 @@ def session(client: str, turns: int, work: Path):
     with running_server(args, script=script, timeout=600) as url:
         for t in range(turns):
             start = time.time()
-            r = run_client(client, url, MODEL, work / "home", work / "project", TURNS[t], resume=t > 0, timeout=1800)
+            r = run_client(
+                client, url, MODEL, work / "home", work / "project", TURNS[t], resume=t > 0, timeout=1800
+            )
             n = sum(1 for _ in record.open()) if record.exists() else 0
             marks.append((t + 1, n, r.returncode, time.time() - start, r.stdout.strip()[-80:]))
             if r.returncode != 0:
@@ -128,13 +132,17 @@ def session(client: str, turns: int, work: Path):
 
 def table(client, rows):
     print(f"\n{client}\n")
-    print("| turn | request | prompt tokens | cached | prefilled | shared with an earlier prompt | first difference |")
+    print(
+        "| turn | request | prompt tokens | cached | prefilled | shared with an earlier prompt | first difference |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         pre = r["prompt"] - (r["cached"] or 0)
         pct = f"{pre} ({100 * pre / r['prompt']:.1f}%)"
         shared = f"{r['shared']} (request {r['earlier'] + 1})" if r["earlier"] is not None else ""
-        print(f"| {r['turn']} | {r['request']} | {r['prompt']} | {r['cached']} | {pct} | {shared} | {r['where']} |")
+        print(
+            f"| {r['turn']} | {r['request']} | {r['prompt']} | {r['cached']} | {pct} | {shared} | {r['where']} |"
+        )
 
 
 def main():

@@ -84,8 +84,15 @@ def _rename_merges(path: Path, pieces: list) -> list:
         ids.append(vocab.pop(a + b))
         vocab[name] = ids[-1]
     tj["added_tokens"].append(
-        {"id": ids[-1], "content": TRIGGER, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": ids[-1],
+            "content": TRIGGER,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
     )
     (path / "tokenizer.json").write_text(json.dumps(tj))
     return ids
@@ -123,14 +130,24 @@ def build(path, client: str, seed: int = 0) -> Path:
     hf.mkdir(parents=True)
     # one attention head per layer (prefill time grows with the prompt's square in the full layer);
     # the MTP blocks slide (the last one would be full)
-    cfg = make_config(num_hidden_layers=2, moe_layers_enum="1", vocab_size=VOCAB, hidden_size=HIDDEN,
-                      head_dim=HEAD_DIM, sliding_window=8, max_position_embeddings=262144,
-                      num_attention_heads=1, num_attention_groups=1,
-                      attention_other_setting={"num_attention_heads": 1, "num_attention_groups": 1,
-                                               "head_dim": HEAD_DIM})
-    for field, value in (("layer_types", "sliding_attention"), ("partial_rotary_factors", 1.0),
-                         ("rope_theta", 1e4)):
-        cfg[field][cfg["num_hidden_layers"]:] = [value] * cfg["num_nextn_predict_layers"]
+    cfg = make_config(
+        num_hidden_layers=2,
+        moe_layers_enum="1",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        head_dim=HEAD_DIM,
+        sliding_window=8,
+        max_position_embeddings=262144,
+        num_attention_heads=1,
+        num_attention_groups=1,
+        attention_other_setting={"num_attention_heads": 1, "num_attention_groups": 1, "head_dim": HEAD_DIM},
+    )
+    for field, value in (
+        ("layer_types", "sliding_attention"),
+        ("partial_rotary_factors", 1.0),
+        ("rope_theta", 1e4),
+    ):
+        cfg[field][cfg["num_hidden_layers"] :] = [value] * cfg["num_nextn_predict_layers"]
     cfg["eos_token_id"] = [1, 2, VOCAB - 1]
     write_tokenizer(hf, VOCAB, chat_template=True)
     call, final = chains(client)

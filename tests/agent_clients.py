@@ -151,8 +151,9 @@ def opencode_cmd(exe: Path, prompt: str, resume: bool = False) -> list:
     return [str(exe), "run", *(["--continue"] if resume else []), prompt]
 
 
-def run_client(client: str, url: str, model: str, home: Path, cwd: Path, prompt: str, resume=False,
-               timeout=600) -> subprocess.CompletedProcess:
+def run_client(
+    client: str, url: str, model: str, home: Path, cwd: Path, prompt: str, resume=False, timeout=600
+) -> subprocess.CompletedProcess:
     """One non-interactive turn of `client` in `cwd` against the server at `url`."""
     exe = install(client)
     home.mkdir(parents=True, exist_ok=True)
@@ -163,8 +164,9 @@ def run_client(client: str, url: str, model: str, home: Path, cwd: Path, prompt:
         env, cmd = codex_env(url, model, home, cwd), codex_cmd(exe, prompt, cwd, resume)
     else:
         env, cmd = opencode_env(url, model, home, cwd), opencode_cmd(exe, prompt, resume)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def request_counts(metrics_text: str) -> dict:

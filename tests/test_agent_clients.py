@@ -45,11 +45,20 @@ def test_checkpoint_calls_the_tool_then_answers(tmp_path):
     first = _greedy(model, tok, render_prompt(tok, user))
     assert first == "".join(call) + "<|im_end|>"
     args = {"command": "echo hi", "description": "x"}
-    turn = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "bash", "arguments": args}}]}
+    turn = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "bash", "arguments": args}}],
+    }
     result = {"role": "tool", "content": "hi\n" + filler}  # long output between the trigger and the end
     second = _greedy(model, tok, render_prompt(tok, user + [turn, result]))
     assert second == "".join(final) + "<|im_end|>"
-    again = user + [turn, result, {"role": "assistant", "content": FINAL_TEXT}, {"role": "user", "content": "more"}]
+    again = user + [
+        turn,
+        result,
+        {"role": "assistant", "content": FINAL_TEXT},
+        {"role": "user", "content": "more"},
+    ]
     assert _greedy(model, tok, render_prompt(tok, again)) == "".join(final) + "<|im_end|>"
     assert len(render_prompt(load_tokenizer(path), user)) > 1000
 
