@@ -165,6 +165,25 @@ def test_prompt_equals_the_chat_prompt_of_the_same_conversation(ckpt):
     assert "<|im_start|>system\nYou are Codex.<|im_end|>" in text  # developer -> system
 
 
+def test_a_tool_image_becomes_a_note_the_model_reads():
+    """Codex's view_image answers with an image part; a text-only model gets a note instead of
+    a failed turn (an image in a user message stays a 400: see the bad-input test)."""
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    output = {
+        "type": "function_call_output",
+        "call_id": "c1",
+        "output": [{"type": "input_text", "text": "see:"}, image],
+    }
+    req = ResponsesRequest(input=[{"role": "user", "content": QUESTION}, call, output], tools=TOOLS)
+    chat_req, _ = to_chat(req, as_items(req.input))
+    assert chat_req.messages[-1] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "content": "see:\n[image omitted: this model reads text only]",
+    }
+
+
 def check_output(output, usage, reply):
     """Responses output items and usage against chat's reply for the same conversation."""
     msg = reply["choices"][0]["message"]
