@@ -6,8 +6,9 @@ assistant turn's `reasoning_content`; consecutive `function_call` items (and an 
 message right before them) become one assistant turn's `tool_calls`; `function_call_output`
 -> a `tool` message. Function tools nested in a `namespace` tool (Codex's sub-agents, MCP
 servers) are offered to the model flattened as `NAMESPACE__NAME` (Codex's own flat form) and
-their calls go back split into `namespace` and `name`, as Codex routes them. Tool types only
-OpenAI's service runs (web search, file search, ...) are skipped with a log line."""
+their calls go back split into `namespace` and `name`, as Codex routes them. Other tool types
+(those only OpenAI's service runs, such as web search, and `custom` freeform tools) are not
+offered to the model, with a log line."""
 
 import logging
 from collections import OrderedDict
@@ -156,7 +157,7 @@ def _function(tool: dict, where: str, name: Optional[str] = None) -> dict:
 
 def chat_tools(tools: Optional[list]) -> Tuple[Optional[list], Dict[str, Tuple[str, str]]]:
     """(chat tools, {flat name: (namespace, name)}): function tools as chat's, namespace tools'
-    functions flattened; tools only OpenAI's service runs are skipped with a log line."""
+    functions flattened; other types (web_search, custom, ...) are skipped with a log line."""
     if tools is None:
         return None, {}
     out, names, skipped = [], {}, []
