@@ -16,10 +16,10 @@ from server_util import running_server
 from test_server_chat import script_checkpoint
 
 from mlx_step35.chat_format import Delta, render_prompt
+from mlx_step35.server import openai_responses
 from mlx_step35.server.chat import render
 from mlx_step35.server.context import Settings, keep_alive
 from mlx_step35.server.engine import Failed, Finished, Piece
-from mlx_step35.server.openai_responses import Output
 from mlx_step35.server.responses_input import ResponsesRequest, ResponseStore, as_items, to_chat
 
 SCRIPT = [  # distinct vocabulary entries: the scripted chain never repeats a token
@@ -163,6 +163,25 @@ def test_prompt_equals_the_chat_prompt_of_the_same_conversation(ckpt):
     assert f"<think>\n{REASONING}\n</think>\n{CONTENT}<tool_call>\n<function=get_weather>" in text
     assert "<function=multi_agent_v1__spawn_agent>\n<parameter=message>\ngo\n</parameter>" in text
     assert "<|im_start|>system\nYou are Codex.<|im_end|>" in text  # developer -> system
+
+
+def test_a_tool_image_becomes_a_note_the_model_reads():
+    """Codex's view_image answers with an image part; a text-only model gets a note instead of
+    a failed turn (an image in a user message stays a 400: see the bad-input test)."""
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    output = {
+        "type": "function_call_output",
+        "call_id": "c1",
+        "output": [{"type": "input_text", "text": "see:"}, image],
+    }
+    req = ResponsesRequest(input=[{"role": "user", "content": QUESTION}, call, output], tools=TOOLS)
+    chat_req, _ = to_chat(req, as_items(req.input))
+    assert chat_req.messages[-1] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "content": "see:\n[image omitted: this model reads text only]",
+    }
 
 
 def check_output(output, usage, reply):
@@ -377,9 +396,12 @@ def test_streamed_incomplete(client):
     assert done.content[0].text == "Let me check the weather."
 
 
-def test_a_failure_mid_stream_is_response_failed():
+def test_a_failure_mid_stream_is_response_failed(monkeypatch):
     """A generation that fails after some output ends the stream with response.failed carrying
-    the error and the items so far; a cancelled one just ends."""
+    the error and the items so far; a cancelled one just ends; while the engine is silent,
+    response.in_progress events keep the stream alive (SSE comments would not reset Codex's
+    idle timeout), numbered in order with the rest."""
+    monkeypatch.setattr(openai_responses, "KEEPALIVE_S", 0.05)
 
     class FakeTurn:  # Turn.events' contract: (deltas, engine event) pairs
         in_reasoning = True
@@ -388,6 +410,7 @@ def test_a_failure_mid_stream_is_response_failed():
             self.last = last
 
         async def events(self, events):
+            await asyncio.sleep(0.3)  # a long prefill
             yield [Delta(reasoning="thinking")], Piece(text="thinking", tokens=[1], logprobs=[])
             yield [], self.last
 
@@ -396,7 +419,7 @@ def test_a_failure_mid_stream_is_response_failed():
 
     def run(last):
         req = ResponsesRequest(input="hi", stream=True)
-        out = Output(Ctx(), req, FakeTurn(last), {}, [], ResponseStore())
+        out = openai_responses.Output(Ctx(), req, FakeTurn(last), {}, [], ResponseStore())
 
         async def collect():
             return [c async for c in out.stream(None)]
@@ -404,11 +427,10 @@ def test_a_failure_mid_stream_is_response_failed():
         return [json.loads(c.split("data: ", 1)[1]) for c in asyncio.run(collect())]
 
     events = run(Failed("the engine broke"))
-    assert [e["type"] for e in events[:3]] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds.index("response.output_item.added") >= 4
+    assert set(kinds[1 : kinds.index("response.output_item.added")]) == {"response.in_progress"}
     last = events[-1]["response"]
     assert events[-1]["type"] == "response.failed" and last["status"] == "failed"
     assert last["error"] == {"code": "server_error", "message": "the engine broke"}

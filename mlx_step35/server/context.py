@@ -174,10 +174,11 @@ async def keepalive(events, interval: float):
     finally:
         first.cancel()
 
-async def keep_alive(chunks, every_s: float, ping: str):
+
+async def keep_alive(chunks, every_s: float, ping=None):
     """`chunks` (an async iterator), with `ping` yielded whenever the next chunk takes longer than
-    `every_s`: an SSE comment while a long prompt is prefilled keeps clients and proxies from
-    giving up on an idle stream."""
+    `every_s`: something to send while a long prompt is prefilled, so that clients and proxies do
+    not give up on an idle stream."""
     it, pending = chunks.__aiter__(), None
     try:
         while True:

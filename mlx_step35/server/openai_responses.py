@@ -18,7 +18,7 @@ from .engine import Failed, Finished, Piece
 from .responses import timings
 from .responses_input import ResponsesRequest, ResponseStore, as_items, call_name, to_chat
 
-KEEPALIVE_S = 5.0  # an SSE comment this often while nothing else is sent (a long prefill)
+KEEPALIVE_S = 5.0  # a response.in_progress event this often while nothing else is sent (a long prefill)
 
 
 def new_id(prefix: str) -> str:
@@ -68,10 +68,10 @@ def message_item(item_id: str, text: str, status: str) -> dict:
     }
 
 
-def call_item(item_id: str, tc, names, status: str, arguments: Optional[str] = None) -> dict:
+def call_item(item_id: str, tc, names, status: str) -> dict:
     item = {"id": item_id, "type": "function_call", "status": status, "call_id": tc.id}
     item.update(call_name(tc.name, names))
-    item["arguments"] = tc.arguments if arguments is None else arguments
+    item["arguments"] = tc.arguments
     return item
 
 
@@ -157,15 +157,15 @@ class Output:
         return await self.finished(output, tokens, done)
 
     async def stream(self, events):
-        async for chunk in keep_alive(self._events(events), KEEPALIVE_S, ": keep-alive\n\n"):
-            yield chunk
-
-    async def _events(self, events):
         sse = _Events()
         yield sse.event("response.created", response=self.response("in_progress", []))
         yield sse.event("response.in_progress", response=self.response("in_progress", []))
         tokens: List[int] = []
-        async for deltas, ev in self.turn.events(events):
+        async for pair in keep_alive(self.turn.events(events), KEEPALIVE_S):
+            if pair is None:  # a real event: SSE comments do not reset Codex's idle timeout
+                yield sse.event("response.in_progress", response=self.response("in_progress", sse.output))
+                continue
+            deltas, ev = pair
             if isinstance(ev, Failed):
                 error = {"code": "server_error", "message": ev.message}
                 yield sse.event("response.failed", response=self.response("failed", sse.output, error=error))
