@@ -3,17 +3,18 @@ tool's result is in the prompt. Served by the real server (`python -m mlx_step35
 for the agent-CLI tests; `python tests/agent_checkpoint.py DIR --client claude` writes one.
 
 How the weights script it (float32, no quantization: an HF checkpoint converted by our converter):
-- Every residual branch is zero except one attention head of layer 0 (full attention), so the
+- Every residual branch is zero except the attention of layer 0 (full attention), so the
   trunk maps token x to lm_head(norm(embed(x) + t * trigger_vector)), t = 1 once the prompt holds
   a `<tool_response>` token (a special token of the tokenizer) before the position, else 0.
-- That head attends sharply to `<tool_response>`: its query and key read residual dimensions
+- Its one head attends sharply to `<tool_response>`: its query and key read residual dimensions
   (one constant in every embedding, one set only in the trigger's) into a non-rotated head
   dimension (full layers rotate half of head_dim), so q.k is +SCORE at a trigger and exactly 0
   elsewhere; its value is non-zero only at the trigger, and o_proj writes it to dimension OUT,
   which no embedding uses.
 - lm_head is a successor map over two chains that start at the generation prompt's last token:
   the tool call (CALL) and the final text (FINAL). Row FINAL[0] scores 2/3 of row CALL[0] without
-  the trigger vector and 4/3 with it; every other successor scores 1 (margins: SCALE / 3).
+  the trigger vector and 4/3 with it; every other successor scores 1 (margins of about
+  SCALE / (3 sqrt 2) = 28 logits, less the random overlap of embeddings).
 - Each chain piece is one vocabulary entry (the last BPE merges renamed, as in
   test_server_chat.py), so the chains never repeat a token. The MTP blocks draft the successor
   map without the trigger: right everywhere except at FINAL's first token (one rejection).
