@@ -42,7 +42,7 @@ def next_messages(messages, reply, user):
 
 @pytest.fixture(scope="module")
 def conversation(demo, tmp_path_factory):
-    """Two turns on one server, then the second again on a restarted one."""
+    """Two turns on one server (and its /metrics after them), then the second again on a restarted one."""
     cache_dir = tmp_path_factory.mktemp("prompt_cache")
     args = ["--num-draft", "2", "--prompt-cache-dir", cache_dir]
     with running_server(args) as url:
@@ -50,13 +50,14 @@ def conversation(demo, tmp_path_factory):
         r1 = chat(url, m1)
         m2 = next_messages(m1, r1, TURNS[1])
         r2 = chat(url, m2)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
     with running_server(args) as url:
         r2b = chat(url, m2)
-    return m1, r1, m2, r2, r2b
+    return m1, r1, m2, r2, r2b, metrics
 
 
 def test_each_turn_equals_a_cold_run(demo, conversation):
-    m1, r1, m2, r2, r2b = conversation
+    m1, r1, m2, r2, r2b, metrics = conversation
     for messages, reply in ((m1, r1), (m2, r2), (m2, r2b)):
         prompt = render_prompt(demo[1], messages)
         assert reply["prompt_token_ids"] == prompt
@@ -64,7 +65,7 @@ def test_each_turn_equals_a_cold_run(demo, conversation):
 
 
 def test_next_turn_reuses_up_to_the_previous_user_message(demo, conversation):
-    m1, r1, m2, r2, r2b = conversation
+    m1, r1, m2, r2, r2b, metrics = conversation
     tok = demo[1]
     p1 = render_prompt(tok, m1)
     end_of_user = max(branch_points(tok, m1, p1))
@@ -74,3 +75,5 @@ def test_next_turn_reuses_up_to_the_previous_user_message(demo, conversation):
     assert end_of_user <= r2["usage"]["prompt_tokens_details"]["cached_tokens"] < len(p2)
     assert r2b["usage"]["prompt_tokens_details"]["cached_tokens"] >= end_of_user  # after a restart
     assert r2["usage"]["prompt_tokens"] == len(p2)
+    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (r1, r2))
+    assert f"mlx_step35_prompt_tokens_cached_total {cached}\n" in metrics

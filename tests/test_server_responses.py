@@ -18,7 +18,7 @@ from test_server_chat import script_checkpoint
 from mlx_step35.chat_format import Delta, render_prompt
 from mlx_step35.server import openai_responses
 from mlx_step35.server.chat import render
-from mlx_step35.server.context import Settings, keep_alive
+from mlx_step35.server.context import Settings
 from mlx_step35.server.engine import Failed, Finished, Piece
 from mlx_step35.server.responses_input import ResponsesRequest, ResponseStore, as_items, to_chat
 
@@ -163,6 +163,25 @@ def test_prompt_equals_the_chat_prompt_of_the_same_conversation(ckpt):
     assert f"<think>\n{REASONING}\n</think>\n{CONTENT}<tool_call>\n<function=get_weather>" in text
     assert "<function=multi_agent_v1__spawn_agent>\n<parameter=message>\ngo\n</parameter>" in text
     assert "<|im_start|>system\nYou are Codex.<|im_end|>" in text  # developer -> system
+
+
+def test_a_tool_image_becomes_a_note_the_model_reads():
+    """Codex's view_image answers with an image part; a text-only model gets a note instead of
+    a failed turn (an image in a user message stays a 400: see the bad-input test)."""
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    output = {
+        "type": "function_call_output",
+        "call_id": "c1",
+        "output": [{"type": "input_text", "text": "see:"}, image],
+    }
+    req = ResponsesRequest(input=[{"role": "user", "content": QUESTION}, call, output], tools=TOOLS)
+    chat_req, _ = to_chat(req, as_items(req.input))
+    assert chat_req.messages[-1] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "content": "see:\n[image omitted: this model reads text only]",
+    }
 
 
 def check_output(output, usage, reply):
@@ -352,19 +371,6 @@ def test_bad_json_and_unknown_model(url):
         openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).responses.create(
             input=[{"type": "bogus"}], model="scripted"
         )
-
-
-def test_keep_alive_pings_while_nothing_comes():
-    async def slow():
-        yield "a"
-        await asyncio.sleep(0.35)
-        yield "b"
-
-    async def run():
-        return [c async for c in keep_alive(slow(), 0.1)]
-
-    out = asyncio.run(run())
-    assert out[0] == "a" and out[-1] == "b" and 2 <= out.count(None) <= 4 and len(out) == out.count(None) + 2
 
 
 def test_streamed_incomplete(client):

@@ -340,6 +340,14 @@ class Engine:
         )
         if self.metrics:
             self.metrics.finished(done)
+        log.info(  # one line per request: how much of each prompt the prompt cache saved
+            "finished (%s): %d prompt tokens, %d of them cached; %d generated; %.2f s to the first token",
+            finish,
+            done.prompt_tokens,
+            done.cached_tokens,
+            n,
+            done.prompt_s,
+        )
         job.emit(Failed("the server is shutting down") if finish == "cancelled" and self.stopping else done)
 
     def _logprob(self, r: GenerationResponse, k: int) -> TokenLogprob:

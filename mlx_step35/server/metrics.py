@@ -14,6 +14,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests = defaultdict(int)  # (endpoint, status) -> count
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of those, taken from the prompt cache (not prefilled)
         self.generation_tokens = 0
         self.trunk_passes = 0
         self.cancelled = 0
@@ -42,6 +43,7 @@ class Metrics:
         s = done.stats
         with self.lock:
             self.prompt_tokens += done.prompt_tokens
+            self.cached_tokens += done.cached_tokens
             self.generation_tokens += done.completion_tokens
             self.cancelled += done.finish_reason == "cancelled"
             self.trunk_passes += trunk_passes(s, done.completion_tokens)
@@ -74,6 +76,12 @@ class Metrics:
                 [((("endpoint", e), ("status", s)), n) for (e, s), n in sorted(self.requests.items())],
             )
             metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [((), self.prompt_tokens)])
+            metric(
+                "prompt_tokens_cached_total",
+                "counter",
+                "Prompt tokens taken from the prompt cache instead of prefilled.",
+                [((), self.cached_tokens)],
+            )
             metric("generation_tokens_total", "counter", "Tokens generated.", [((), self.generation_tokens)])
             metric(
                 "trunk_passes_total",

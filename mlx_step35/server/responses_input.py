@@ -6,8 +6,9 @@ assistant turn's `reasoning_content`; consecutive `function_call` items (and an 
 message right before them) become one assistant turn's `tool_calls`; `function_call_output`
 -> a `tool` message. Function tools nested in a `namespace` tool (Codex's sub-agents, MCP
 servers) are offered to the model flattened as `NAMESPACE__NAME` (Codex's own flat form) and
-their calls go back split into `namespace` and `name`, as Codex routes them. Tool types only
-OpenAI's service runs (web search, file search, ...) are skipped with a log line."""
+their calls go back split into `namespace` and `name`, as Codex routes them. Other tool types
+(those only OpenAI's service runs, such as web search, and `custom` freeform tools) are not
+offered to the model, with a log line."""
 
 import logging
 from collections import OrderedDict
@@ -156,7 +157,7 @@ def _function(tool: dict, where: str, name: Optional[str] = None) -> dict:
 
 def chat_tools(tools: Optional[list]) -> Tuple[Optional[list], Dict[str, Tuple[str, str]]]:
     """(chat tools, {flat name: (namespace, name)}): function tools as chat's, namespace tools'
-    functions flattened; tools only OpenAI's service runs are skipped with a log line."""
+    functions flattened; other types (web_search, custom, ...) are skipped with a log line."""
     if tools is None:
         return None, {}
     out, names, skipped = [], {}, []
@@ -204,7 +205,12 @@ def chat_tool_choice(choice, names: Dict[str, Tuple[str, str]]):
 # input items
 
 
-def _text(content, where: str, kinds: Tuple[str, ...]) -> str:
+OMITTED = "[{kind} omitted: this model reads text only]"
+
+
+def _text(content, where: str, kinds: Tuple[str, ...], omit: Tuple[str, ...] = ()) -> str:
+    """The text of string or parts content; parts of an `omit` kind become a note the model
+    reads (a tool's image output must not fail an agent's whole turn), any other kind a 400."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -212,6 +218,10 @@ def _text(content, where: str, kinds: Tuple[str, ...]) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind in omit:
+            log.warning("/v1/responses: %s[%d] is %s: the model gets a note instead", where, j, kind)
+            texts.append(OMITTED.format(kind=kind.removeprefix("input_")))
+            continue
         if kind not in kinds or not isinstance(part.get("text"), str):
             raise RequestError(
                 f"{where}[{j}]: only text parts ({', '.join(kinds)}) are supported, got {kind or type(part).__name__!r}",
@@ -295,7 +305,12 @@ class _Messages:
                     f"{where}.call_id: {call_id!r} answers no function_call earlier in the input", "input"
                 )
             self.end_assistant()
-            output = _text(item.get("output"), f"{where}.output", ("input_text", "output_text"))
+            output = _text(
+                item.get("output"),
+                f"{where}.output",
+                ("input_text", "output_text"),
+                ("input_image", "input_file"),
+            )
             self.out.append({"role": "tool", "tool_call_id": call_id, "content": output})
         else:
             raise RequestError(
