@@ -52,6 +52,14 @@ def check_min_confidence(value):
     raise ValueError(f"draft_min_confidence must be in [0, 1) or 'auto', got {value!r}")
 
 
+def parse_min_confidence(text: str):
+    """A command line's --draft-min-confidence: 'auto' or a number in [0, 1) (ValueError else)."""
+    try:
+        return check_min_confidence(text if text == "auto" else float(text))
+    except ValueError:
+        raise ValueError(f"--draft-min-confidence must be 'auto' or a number in [0, 1), got {text!r}") from None
+
+
 def generate_step(
     model,
     prompt: Sequence[int],
@@ -336,7 +344,7 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
 
 
 def _choose(sync, policy) -> Tuple[int, float]:
-    """Rank 0's policy choice, on every rank: (depth, gate threshold)."""
+    """Rank 0's policy choice, on every rank: (depth, gate threshold, in millionths)."""
     n = policy.choose()
     n, micro = sync.ints([n, round(policy.min_confidence * 1e6)])
     return n, micro / 1e6
