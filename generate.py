@@ -28,8 +28,9 @@ def main(argv=None):
         prog="generate.py",
         description=__doc__ + " With --draft-mtp, each step drafts up to --num-draft tokens with "
         "the chained MTP blocks and verifies them in one trunk pass: sampled output has exactly "
-        "plain decoding's distribution and greedy output is identical to it on the CPU (on Metal, "
-        "up to near-ties that the wider pass rounds differently).",
+        "plain decoding's distribution; greedy output is identical to it in float32 on the CPU, "
+        "while in bf16 (and on Metal) a near-tie that the wider pass rounds differently can flip "
+        "a token (README: What lossless means).",
         epilog="Example: python generate.py --model ~/models/Step-3.5-Flash-4bit --draft-mtp "
         '--prompt "def fibonacci(n):"',
     )

@@ -19,7 +19,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from .cli import ArgumentParser, user_errors
-from .generation import generate_step
+from .generation import GATE_DEFAULT, generate_step
 from .loading import load
 from .memory import Device
 from .speculative import SpecStats
@@ -27,7 +27,6 @@ from .speculative import SpecStats
 LENGTHS = (512, 4096, 32768)
 QUICK_LENGTHS = (128, 512)
 GEN_TOKENS, QUICK_GEN_TOKENS = 128, 24
-GATE = 0.1  # the gated mode's threshold (benchmarks/RESULTS.md, benchmark 11)
 # name -> generate_step keyword arguments
 MODES = {
     "plain": dict(draft_mtp=False),
@@ -174,7 +173,7 @@ def parser() -> ArgumentParser:
         "model's context); decoding follows the shortest",
     )
     p.add_argument("--gen-tokens", type=int, default=None, help=f"tokens decoded per mode (default {GEN_TOKENS})")
-    p.add_argument("--gate", type=float, default=GATE, help="the gated mode's threshold (default %(default)s)")
+    p.add_argument("--gate", type=float, default=GATE_DEFAULT, help="the gated mode's threshold (default %(default)s)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated decode modes (default: all)")
     p.add_argument(
         "--quick",

@@ -118,7 +118,7 @@ class AutoDraft:
         total, p = 0.0, 1.0  # p: chance that the pass holds at least L drafts
         for L in range(n + 1):
             nxt = p * self.gated(L + 1, b0)[0] if L < n else 0.0
-            step = self.cost(L) if L else self.c1 * (1 + self.body + self.head)  # gated before block 1
+            step = self.cost(L) if L else self.cost(0) * (1 + self.body + self.head)  # gated at block 1
             total += (p - nxt) * step
             p = nxt
         return total

@@ -237,8 +237,9 @@ def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler:
     normalize(max(0, p_i - q_i)); if all n are accepted a bonus token is drawn from p_n.
     The output is then distributed exactly as the trunk's own samples. Greedy: p and q
     are one-hot, so d_i is accepted iff it equals the trunk's argmax, which follows it.
-    (`logprobs` come from an (n+1)-row pass: on Metal its rounding can differ from a
-    one-row pass's, so at a near-tie its argmax can differ from plain decoding's.)
+    (`logprobs` come from an (n+1)-row pass: in bf16 or fp16 on any backend, and on Metal in
+    any dtype, its rounding can differ from a one-row pass's, so at a near-tie its argmax can
+    differ from plain decoding's; in float32 on the CPU backend it does not.)
     Returns (number of drafts accepted, the token that follows them).
     """
     n = drafts.shape[0]

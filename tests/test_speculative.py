@@ -49,7 +49,8 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     model = request.getfixturevalue(which)
     plain = tokens_of(model, PROMPT, max_tokens=GEN)
     stats = SpecStats()
-    spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    ungated = dict(draft_min_confidence=0.0)  # every step drafts num_draft (test_draft_gate: gated)
+    spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, **ungated)
     assert spec == plain
     if num_draft != "auto":  # (auto drafts only where it pays: see the tests below)
         assert len(stats.drafted) == num_draft
@@ -70,7 +71,9 @@ def test_greedy_quantized_identical_to_plain(tiny_ckpt):
 def test_perfect_drafts_all_accepted(perfect_model, num_draft):
     model, _ = perfect_model
     stats = SpecStats()
-    out = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    out = tokens_of(
+        model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, draft_min_confidence=0.0
+    )
     V = model.args.vocab_size
     assert out == [(PROMPT[-1] + 1 + i) % V for i in range(GEN)]  # the successor chain
     assert stats.accepted == stats.drafted and stats.drafted[0] > 0
@@ -330,11 +333,18 @@ def test_cli_end_to_end(tiny_ckpt):
         "12",
         "--prompt",
         "hello",
+        "--draft-min-confidence",
+        "0",
     ]
     r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
-    for bad in (["--num-draft", "0"], ["--num-draft", "4"], ["--model", str(tiny_ckpt) + "-missing"]):
+    for bad in (
+        ["--num-draft", "0"],
+        ["--num-draft", "4"],
+        ["--model", str(tiny_ckpt) + "-missing"],
+        ["--draft-min-confidence", "1"],
+    ):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
