@@ -81,7 +81,10 @@ def draft_bytes(c, blocks):
 def bytes_per_token(c, overlap, steps, corr=True, context=0):
     """Real-model bytes per generated token for measured steps {(drafts verified, MTP blocks
     run, drafts accepted): count} (see SpecStats.steps)."""
-    total = sum(k * (pass_bytes(c, overlap, n + 1, corr, context) + draft_bytes(c, b)) for (n, b, _), k in steps.items())
+    total = sum(
+        k * (pass_bytes(c, overlap, n + 1, corr, context) + draft_bytes(c, b))
+        for (n, b, _), k in steps.items()
+    )
     return total / sum(k * (a + 1) for (_, _, a), k in steps.items())
 
 

@@ -34,8 +34,14 @@ def run(model, prompts, n_gen, sampler, gate, mode, seeds):
         for p in prompts:
             mx.random.seed(seed)
             gen = generate_step(
-                model, p, max_tokens=n_gen, sampler=sampler, draft_mtp=True, num_draft=3,
-                stats=stats, draft_min_confidence=gate,
+                model,
+                p,
+                max_tokens=n_gen,
+                sampler=sampler,
+                draft_mtp=True,
+                num_draft=3,
+                stats=stats,
+                draft_min_confidence=gate,
             )
             tokens += sum(1 for _ in gen) - 1  # the first token comes from the prefill
     speculative.GATE = "own"
@@ -85,13 +91,19 @@ def main():
     overlap, _, _ = demo_overlap()
     G = 1e9
     print(f"demo model, float32; {len(prompts)} prompts x {a.gen_tokens} tokens; num_draft=3")
-    print(f"real model, plain decoding: {pass_bytes(c, overlap, 1, True) / G:.2f} GB per token (4-bit, empty context)")
+    print(
+        f"real model, plain decoding: {pass_bytes(c, overlap, 1, True) / G:.2f} GB per token (4-bit, empty context)"
+    )
     configs = [("ungated", 0.0, "own")]
     configs += [(f"own >= {t}", float(t), "own") for t in a.own.split(",") if t]
     configs += [(f"product >= {t}", float(t), "product") for t in a.product.split(",") if t]
     regimes = {
         "greedy": ("greedy", make_sampler(), [0]),
-        "sampled": (f"sampled (temp {SAMPLED['temp']}, top-p {SAMPLED['top_p']}, {a.seeds} seeds)", make_sampler(**SAMPLED), range(a.seeds)),
+        "sampled": (
+            f"sampled (temp {SAMPLED['temp']}, top-p {SAMPLED['top_p']}, {a.seeds} seeds)",
+            make_sampler(**SAMPLED),
+            range(a.seeds),
+        ),
     }
     for label, sampler, seeds in (regimes[r] for r in a.regimes.split(",")):
         print(f"\n{label}\n")

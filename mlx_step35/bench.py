@@ -90,7 +90,9 @@ def run(model_path: Optional[str], lengths, gen_tokens: int, gate: float, modes)
     context = model.args.max_position_embeddings
     room = context - gen_tokens
     if room < 1:
-        raise ValueError(f"--gen-tokens {gen_tokens} leaves no room for a prompt in the model's context of {context}")
+        raise ValueError(
+            f"--gen-tokens {gen_tokens} leaves no room for a prompt in the model's context of {context}"
+        )
     capped = sorted({min(n, room) for n in lengths})
     if capped != sorted(set(lengths)):
         notes.append(f"prompt lengths capped at {room} (the model's context {context} minus --gen-tokens)")
@@ -172,8 +174,12 @@ def parser() -> ArgumentParser:
         help=f"comma-separated prompt lengths in tokens for prefill (default {','.join(map(str, LENGTHS))}; capped at the "
         "model's context); decoding follows the shortest",
     )
-    p.add_argument("--gen-tokens", type=int, default=None, help=f"tokens decoded per mode (default {GEN_TOKENS})")
-    p.add_argument("--gate", type=float, default=GATE_DEFAULT, help="the gated mode's threshold (default %(default)s)")
+    p.add_argument(
+        "--gen-tokens", type=int, default=None, help=f"tokens decoded per mode (default {GEN_TOKENS})"
+    )
+    p.add_argument(
+        "--gate", type=float, default=GATE_DEFAULT, help="the gated mode's threshold (default %(default)s)"
+    )
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated decode modes (default: all)")
     p.add_argument(
         "--quick",

@@ -3,7 +3,7 @@ confidence gate's threshold that maximise expected tokens per second on this mac
 A policy's `choose()` gives the depth and sets `min_confidence`, the gate threshold for
 that step (see `speculative.MTPDrafter.draft`)."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 # Edges of the confidence buckets `auto` learns acceptance in; its gate thresholds are these.
 BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

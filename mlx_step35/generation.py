@@ -11,10 +11,10 @@ import mlx.core as mx
 
 from .cache import grow_slack, rewind
 from .distributed import lockstep
+from .draft_policy import BUCKETS, AutoDraft, FixedDraft
 from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
-from .draft_policy import BUCKETS, AutoDraft, FixedDraft
 from .speculative import PREFILL_STEP, MTPDrafter, SpecStats, accept, draft_bytes_ratio
 
 MAX_DRAFT = 3
@@ -47,7 +47,9 @@ def check_num_draft(num_draft):
 
 
 def check_min_confidence(value):
-    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+    if value == "auto" or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    ):
         return value
     raise ValueError(f"draft_min_confidence must be in [0, 1) or 'auto', got {value!r}")
 
@@ -57,7 +59,9 @@ def parse_min_confidence(text: str):
     try:
         return check_min_confidence(text if text == "auto" else float(text))
     except ValueError:
-        raise ValueError(f"--draft-min-confidence must be 'auto' or a number in [0, 1), got {text!r}") from None
+        raise ValueError(
+            f"--draft-min-confidence must be 'auto' or a number in [0, 1), got {text!r}"
+        ) from None
 
 
 def generate_step(
@@ -119,7 +123,9 @@ def generate_step(
             gates = BUCKETS if learn else (draft_min_confidence,)
             policy = AutoDraft(model.num_mtp, draft_bytes_ratio(model), thresholds=gates)
         else:
-            policy = FixedDraft(min(num_draft, model.num_mtp), GATE_DEFAULT if learn else draft_min_confidence)
+            policy = FixedDraft(
+                min(num_draft, model.num_mtp), GATE_DEFAULT if learn else draft_min_confidence
+            )
     slack = (policy.max_depth if policy else 0) + 1  # tokens a verify step may rewind, plus one
     slack0 = 1 if isinstance(policy, AutoDraft) else slack
     tokens = [int(t) for t in prompt]

@@ -8,7 +8,7 @@ rewound at once, so block k's cache always holds exactly the teacher-forced entr
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -177,7 +177,9 @@ class MTPDrafter:
                 hist = mx.concatenate([history] + drafts) if processors else None
                 lp = process(logits, hist, processors)
                 dist = None if sampler.greedy else sampler.probs(lp)
-                tok = (lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist))).astype(mx.int32)
+                tok = (lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist))).astype(
+                    mx.int32
+                )
                 conf = confidence(dist, lp, sampler, chain)
                 confs.append(conf)
                 if min_confidence > 0:  # rank 0's draft and verdict, on every rank
@@ -200,7 +202,11 @@ class MTPDrafter:
             for k in range(1, self.K + 1):
                 rewind([self.cache[k - 1]], self.cache[k - 1].offset - self.done[k])
         empty = mx.array([], dtype=mx.int32)
-        return (mx.concatenate(drafts) if drafts else empty), dists, mx.concatenate(confs) if confs else mx.array([])
+        return (
+            (mx.concatenate(drafts) if drafts else empty),
+            dists,
+            mx.concatenate(confs) if confs else mx.array([]),
+        )
 
 
 # What the draft gate compares with draft_min_confidence: "own", the block's own confidence,

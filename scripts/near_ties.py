@@ -64,7 +64,9 @@ def main(argv=None):
         help="prompts: the first 400 characters of N of this Python's stdlib modules (what the demo was "
         "trained on), evenly spaced in sorted order",
     )
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="activation dtype")
+    p.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="activation dtype"
+    )
     a = p.parse_args(argv)
     if a.stdlib < 0 or a.max_tokens < 1:
         p.error("--stdlib must be >= 0 and --max-tokens >= 1")

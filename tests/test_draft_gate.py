@@ -37,7 +37,9 @@ def confidences_of(model, monkeypatch, sampler=None, prompt=PROMPT, max_tokens=G
         FixedDraft, "update", lambda self, n, a, s, c=(): (seen.extend(c), original(self, n, a, s, c))
     )
     kw = dict(sampler=sampler) if sampler else {}
-    tokens_of(model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=3, draft_min_confidence=0.0, **kw)
+    tokens_of(
+        model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=3, draft_min_confidence=0.0, **kw
+    )
     monkeypatch.undo()
     return seen
 
@@ -59,8 +61,15 @@ def test_gated_greedy_identical_and_chains_stop_at_the_first_unsure_block(which,
 
     monkeypatch.setattr(MTPDrafter, "draft", spy)
     stats = SpecStats()
-    out = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=3, stats=stats,
-                    draft_min_confidence=threshold)
+    out = tokens_of(
+        model,
+        PROMPT,
+        max_tokens=GEN,
+        draft_mtp=True,
+        num_draft=3,
+        stats=stats,
+        draft_min_confidence=threshold,
+    )
     monkeypatch.undo()
     assert out == tokens_of(model, PROMPT, max_tokens=GEN)
     assert 0 < stats.gated < stats.verify_steps
@@ -80,8 +89,15 @@ def test_gated_greedy_identical_and_chains_stop_at_the_first_unsure_block(which,
 
 def test_gate_stats_record_the_blocks_run(mixed_model):
     stats = SpecStats()
-    tokens_of(mixed_model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=3, stats=stats,
-              draft_min_confidence=0.999)
+    tokens_of(
+        mixed_model,
+        PROMPT,
+        max_tokens=GEN,
+        draft_mtp=True,
+        num_draft=3,
+        stats=stats,
+        draft_min_confidence=0.999,
+    )
     cut = sum(k for (n, b, _), k in stats.steps.items() if b == n + 1)
     assert cut == stats.gated > 0
     assert sum(stats.steps.values()) == stats.verify_steps
@@ -132,7 +148,9 @@ def test_gated_sampling_distribution_matches_plain(monkeypatch):
     for gated in (False, True):
         mx.random.seed(123 if gated else 321)
         kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats) if gated else {}
-        runs[gated] = np.array([tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)])
+        runs[gated] = np.array(
+            [tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)]
+        )
     assert 0 < stats.gated < stats.verify_steps and stats.drafted[0] > 0
     for pos in range(1, T):
         a = np.bincount(runs[False][:, pos], minlength=8)

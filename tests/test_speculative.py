@@ -50,7 +50,9 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     plain = tokens_of(model, PROMPT, max_tokens=GEN)
     stats = SpecStats()
     ungated = dict(draft_min_confidence=0.0)  # every step drafts num_draft (test_draft_gate: gated)
-    spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, **ungated)
+    spec = tokens_of(
+        model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, **ungated
+    )
     assert spec == plain
     if num_draft != "auto":  # (auto drafts only where it pays: see the tests below)
         assert len(stats.drafted) == num_draft
@@ -72,7 +74,13 @@ def test_perfect_drafts_all_accepted(perfect_model, num_draft):
     model, _ = perfect_model
     stats = SpecStats()
     out = tokens_of(
-        model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, draft_min_confidence=0.0
+        model,
+        PROMPT,
+        max_tokens=GEN,
+        draft_mtp=True,
+        num_draft=num_draft,
+        stats=stats,
+        draft_min_confidence=0.0,
     )
     V = model.args.vocab_size
     assert out == [(PROMPT[-1] + 1 + i) % V for i in range(GEN)]  # the successor chain
