@@ -3,7 +3,7 @@ confidence gate's threshold that maximise expected tokens per second on this mac
 A policy's `choose()` gives the depth and sets `min_confidence`, the gate threshold for
 that step (see `speculative.MTPDrafter.draft`)."""
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 # Edges of the confidence buckets `auto` learns acceptance in; its gate thresholds are these.
 BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -77,6 +77,7 @@ class AutoDraft:
         self.prefill = None  # (tokens, seconds)
         self.plain_reports = 0
         self.thresholds = tuple(thresholds)  # the gate thresholds to choose from (0.0: no gate)
+        self._gates = [(t, bucket(t) if t > 0 else 0) for t in self.thresholds]
         self.min_confidence = 0.0  # the threshold of the step last chosen
         nb = len(BUCKETS)
         # [depth][bucket]: blocks run, those whose earlier drafts were all accepted, and of
@@ -95,29 +96,39 @@ class AutoDraft:
         mid = (BUCKETS[b] + hi) / 2
         return (self.conf_hits[j][b] + mid * self.prior_weight) / (self.conf_tries[j][b] + self.prior_weight)
 
-    def gated(self, j: int, b0: int) -> Tuple[float, float]:
-        """(share of block j's confidences in buckets >= b0, chance that it is there and its
-        draft accepted given depths < j were): (1, a_j) ungated or before any data."""
-        total, reached = sum(self.conf_all[j]), sum(self.conf_reached[j])
-        if b0 == 0 or not total or not reached:
-            return 1.0, self.acceptance(j)
-        share = sum(self.conf_all[j][b0:]) / total
-        acc = sum(self.conf_reached[j][b] * self.bucket_acceptance(j, b) for b in range(b0, len(BUCKETS)))
-        return share, acc / reached
+    def gate_table(self) -> dict:
+        """{(j, b0): (share of block j's confidences in buckets >= b0, chance that it is there
+        and its draft accepted given depths < j were)}: (1, a_j) ungated or before any data.
+        One pass per depth (suffix sums), so `choose` stays cheap on the host."""
+        table = {}
+        for j in range(1, self.K + 1):
+            total, reached = sum(self.conf_all[j]), sum(self.conf_reached[j])
+            table[(j, 0)] = (1.0, self.acceptance(j))
+            share = acc = 0.0
+            for b in range(len(BUCKETS) - 1, 0, -1):
+                share += self.conf_all[j][b]
+                acc += self.conf_reached[j][b] * self.bucket_acceptance(j, b)
+                table[(j, b)] = (share / total, acc / reached) if total and reached else table[(j, 0)]
+        return table
 
-    def expected_tokens(self, n: int, b0: int = 0) -> float:
+    def gated(self, j: int, b0: int) -> Tuple[float, float]:
+        return self.gate_table()[(j, b0)]
+
+    def expected_tokens(self, n: int, b0: int = 0, table: Optional[dict] = None) -> float:
+        table = table or self.gate_table()
         total, p = 1.0, 1.0
         for j in range(1, n + 1):
-            p *= self.gated(j, b0)[1]
+            p *= table[(j, b0)][1]
             total += p
         return total
 
-    def expected_cost(self, n: int, b0: int = 0) -> float:
+    def expected_cost(self, n: int, b0: int = 0, table: Optional[dict] = None) -> float:
         if b0 == 0 or n == 0:
             return self.cost(n)
+        table = table or self.gate_table()
         total, p = 0.0, 1.0  # p: chance that the pass holds at least L drafts
         for L in range(n + 1):
-            nxt = p * self.gated(L + 1, b0)[0] if L < n else 0.0
+            nxt = p * table[(L + 1, b0)][0] if L < n else 0.0
             step = self.cost(L) if L else self.cost(0) * (1 + self.body + self.head)  # gated at block 1
             total += (p - nxt) * step
             p = nxt
@@ -139,10 +150,10 @@ class AutoDraft:
         if self.c1 is None or self.plain_reports < 2:
             return 0  # measure plain decoding first (the first report includes warm-up)
         best, choice = -1.0, (0, 0)
+        table = self.gate_table()
         for n in range(self.K + 1):
-            for t in self.thresholds if n else (0.0,):
-                b0 = bucket(t) if t > 0 else 0
-                rate = self.expected_tokens(n, b0) / self.expected_cost(n, b0)
+            for t, b0 in self._gates if n else ((0.0, 0),):
+                rate = self.expected_tokens(n, b0, table) / self.expected_cost(n, b0, table)
                 if rate > best:
                     best, choice = rate, (n, t)
         n, t = choice
