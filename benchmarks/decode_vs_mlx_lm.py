@@ -23,7 +23,6 @@ from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 from mlx_step35 import load
 from mlx_step35.generation import generate_step
 
-
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU seconds
 
 

@@ -8,23 +8,23 @@ lm_head and the MTP blocks' eh_proj and heads are replicated. The same holds for
 Each rank reads only its own slice of every split tensor from disk.
 
 Every decision that steers computation (sampled tokens, accepted counts, auto's draft depth) is
-taken on rank 0 and broadcast through the model's `lockstep`, so all ranks run the same passes.
+taken on rank 0 and broadcast through the model's `lockstep` (lockstep.py), so all ranks run the same passes.
 """
 
-import json
 import os
 import re
 import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .config import ConfigError, ModelArgs
+from .lockstep import Lockstep
 from .model import MLP, MoE
 from .safetensors_io import DTYPES, CheckpointError
 from .weights import to_internal
@@ -218,58 +218,6 @@ def read_block(reader, key: str, index: tuple) -> mx.array:
     return arr if arr.dtype == mx_dtype else arr.astype(mx_dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# lockstep
-
-
-class Lockstep:
-    """Rank 0's decisions, broadcast to every rank (an all-sum where the others add zeros)."""
-
-    def __init__(self, group: mx.distributed.Group):
-        self.group = group
-        self.leader = group.rank() == 0
-
-    def array(self, x: mx.array) -> mx.array:
-        """Rank 0's value of a (lazy) integer array, lazily: it stays in the graph. The others
-        send x * 0, not zeros, so they still evaluate what x depends on (its collectives)."""
-        x = x.astype(mx.int32)
-        return mx.distributed.all_sum(x if self.leader else x * 0, group=self.group)
-
-    def ints(self, values: List[int]) -> List[int]:
-        """Rank 0's values of a list of Python ints (one round trip)."""
-        return self.array(mx.array(values, dtype=mx.int32)).tolist()
-
-    def payload(self, obj=None):
-        """Rank 0's JSON-serialisable `obj` (the others pass nothing)."""
-        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8) if self.leader else None
-        (n,) = self.ints([len(data) if self.leader else 0])
-        buf = mx.array(data.astype(np.int32)) if self.leader else mx.zeros((n,), dtype=mx.int32)
-        out = np.array(self.array(buf), dtype=np.uint8)
-        return json.loads(out.tobytes().decode())
-
-
-class _OneProcess:
-    """The lockstep of a model in one process: every value is already rank 0's."""
-
-    leader = True
-
-    def array(self, x):
-        return x
-
-    def ints(self, values):
-        return list(values)
-
-    def payload(self, obj=None):
-        return obj
-
-
-ONE_PROCESS = _OneProcess()
-
-
-def lockstep(model) -> "Lockstep":
-    return getattr(model, "lockstep", None) or ONE_PROCESS
-
-
 def exit_when_terminated(message: str):
     """When one rank exits, mlx.launch terminates the others (SIGTERM). A rank blocked in a
     collective cannot run a Python handler (that waits for the main thread), so a watcher thread
@@ -304,46 +252,3 @@ def peer_errors(rank: Optional[int] = None):
         raise PeerLost(
             f"{who}another rank exited, was killed or lost its connection ({e}); stopping this rank too"
         ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# serving: rank 0 takes requests, the other ranks follow
-
-
-def share_request(model, request: Optional[dict] = None) -> Optional[dict]:
-    """Rank 0 passes a JSON-serialisable generation request (see `request_kwargs`), or None to
-    stop the followers; every rank gets rank 0's request back. One process: returns `request`."""
-    return lockstep(model).payload(request)
-
-
-def request_kwargs(request: dict) -> dict:
-    """stream_generate keyword arguments (prompt as token ids included) for a shared request:
-    {"prompt": [ids], "max_tokens", "sampler": make_sampler kwargs, "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed",
-    "draft_min_confidence"};
-    every rank builds the same call."""
-    from .sampling import make_logits_processors, make_sampler
-
-    if request.get("seed") is not None:
-        mx.random.seed(request["seed"])
-    penalties = {k: request.get(k) for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
-    keys = ("prompt", "max_tokens", "draft_mtp", "num_draft", "draft_min_confidence")
-    kwargs = {k: request[k] for k in keys if k in request}
-    kwargs["stop_strings"] = tuple(request.get("stop_strings") or ())
-    kwargs["sampler"] = make_sampler(**(request.get("sampler") or {}))
-    kwargs["logits_processors"] = make_logits_processors(**penalties) if any(penalties.values()) else None
-    return kwargs
-
-
-def follow(model, tokenizer) -> int:
-    """The loop of every rank but 0 while rank 0 serves: take each shared request and run the
-    same generation to its end (rank 0 must also run each to its end, even if its client left,
-    or the ranks fall out of step). Returns the number of requests served, when rank 0 shares None."""
-    from .generation import stream_generate
-
-    served = 0
-    while (request := share_request(model)) is not None:
-        for _ in stream_generate(model, tokenizer, **request_kwargs(request)):
-            pass
-        served += 1
-    return served

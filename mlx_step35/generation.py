@@ -10,8 +10,8 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
-from .distributed import lockstep
 from .draft_policy import BUCKETS, AutoDraft, FixedDraft
+from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process

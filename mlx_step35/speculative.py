@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import rewind
-from .distributed import lockstep
+from .lockstep import lockstep
 from .sampling import Sampler, process
 
 PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm

@@ -19,16 +19,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_step35 import load, make_sampler, stream_generate
-from mlx_step35.distributed import (
-    PeerLost,
-    exit_when_terminated,
-    follow,
-    peer_errors,
-    request_kwargs,
-    share_request,
-    world,
-)
+from mlx_step35.distributed import PeerLost, exit_when_terminated, peer_errors, world
+from mlx_step35.follow import follow, request_kwargs
 from mlx_step35.generation import generate_step
+from mlx_step35.lockstep import share_request
 from mlx_step35.speculative import AutoDraft
 
 PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 500, size=12)]

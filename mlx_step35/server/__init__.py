@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..cli import ArgumentParser, user_errors
-from ..distributed import exit_when_terminated, follow, peer_errors, world
+from ..distributed import exit_when_terminated, peer_errors, world
 from ..expert_cache import add_expert_cache_arguments
+from ..follow import follow
 from ..generation import GATE_DEFAULT, MAX_DRAFT, NUM_DRAFT, parse_min_confidence
 from ..prompt_cache import PromptCacheStore, default_store_gb
 from ..sampling import Sampler

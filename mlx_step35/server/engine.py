@@ -11,8 +11,9 @@ from typing import Iterator, List, Optional, Union
 
 import mlx.core as mx
 
-from ..distributed import request_kwargs, share_request
+from ..follow import request_kwargs
 from ..generation import GenerationResponse, stream_generate
+from ..lockstep import share_request
 from ..sampling import Sampler
 from ..speculative import SpecStats
 
@@ -38,7 +39,7 @@ class GenRequest:
     draft_min_confidence: Union[float, str] = "auto"
 
     def shared(self) -> dict:
-        """The request as `distributed.request_kwargs` takes it (tensor-parallel ranks)."""
+        """The request as `follow.request_kwargs` takes it (tensor-parallel ranks)."""
         s = self.sampler
         return dict(
             prompt=list(self.prompt),
@@ -173,7 +174,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.metrics = metrics
         # Tensor parallel (rank 0 of an mlx.launch group): each request is shared with the other
-        # ranks, which run the same generation (distributed.follow); every generation then runs
+        # ranks, which run the same generation (follow.follow); every generation then runs
         # to its end (a stop string ends it on every rank), even if its client has left.
         self.distributed = distributed
         self.prompt_cache = prompt_cache  # a PromptCacheStore, or None: every prompt from scratch
