@@ -9,8 +9,8 @@ from spec_models import successor_model
 from test_speculative import PROMPT, chi2_sf, sampling_model, tokens_of
 
 from mlx_step35 import load, make_sampler
-from mlx_step35.follow import request_kwargs
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
+from mlx_step35.follow import request_kwargs
 from mlx_step35.generation import parse_min_confidence
 from mlx_step35.server.engine import GenRequest
 from mlx_step35.server.schemas import ChatRequest
