@@ -165,7 +165,8 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m mlx_step35.bench",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1].replace("\n", " "),
-        epilog="Not covered yet: --kv-bits and concurrent requests (not in this runtime yet).",
+        epilog="Not covered yet: quantized KV caches (--kv-bits) and several concurrent requests: "
+        "this runtime has no batching of requests yet, so there is nothing to measure there.",
     )
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
     p.add_argument(
