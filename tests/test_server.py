@@ -372,7 +372,8 @@ def test_metrics_exposition(url):
     accepted = [
         float(v) for v in re.findall(r'^mlx_step35_mtp_accepted_total\{depth="\d"\} (\S+)$', text, re.M)
     ]
-    assert len(drafted) == 2 and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0
+    # the server drafts 2 deep; depth 3 when a request asked for num_draft 3 (a test above does)
+    assert len(drafted) in (2, 3) and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0
 
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
