@@ -24,16 +24,21 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import FullKVCache, SlidingKVCache
-from .safetensors_io import ShardReader
+from .cache_files import (
+    CacheDir,
+    ChecksumError,
+    PromptCacheError,
+    Snapshot,
+    read,
+    read_metadata,
+    snapshot,
+    write,
+)
 from .speculative import PREFILL_STEP, MTPDrafter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a checksum (cache_files)
 MAX_SLACK = 4  # rewind slack of the drafter's caches: any --num-draft (1-3) plus one
 CHECKPOINT_BEFORE_END = 8  # each prompt is also snapshotted this many tokens before its end
-
-
-class PromptCacheError(ValueError):
-    """A prompt cache (file) that cannot be used with this model; the message says why."""
 
 
 def _copy_cache(c):
@@ -254,7 +259,15 @@ def _get_cache(arrays: dict, meta: dict, prefix: str, like):
 
 def save_prompt_cache(path, pc: PromptCache, metadata: Optional[Dict[str, str]] = None):
     """Write the cache's current state (not its checkpoints) to a safetensors file,
-    atomically, with the format version, the model's fingerprint and the tokens."""
+    atomically, with the format version, the model's fingerprint, the tokens and a
+    checksum of the whole file (see cache_files)."""
+    write(path, _snapshot(pc, metadata))
+
+
+def _snapshot(
+    pc: PromptCache, metadata: Optional[Dict[str, str]] = None, fp: Optional[str] = None
+) -> Snapshot:
+    """The arrays and metadata of a file for `pc`, evaluated on this thread (see snapshot)."""
     arrays, layout = {}, {}
     for i, c in enumerate(pc.cache):
         _put_cache(arrays, layout, f"trunk.{i}", c)
@@ -271,42 +284,47 @@ def save_prompt_cache(path, pc: PromptCache, metadata: Optional[Dict[str, str]] 
     meta.update(
         format="mlx_step35.prompt_cache",
         version=str(FORMAT_VERSION),
-        fingerprint=fingerprint(pc.model),
+        fingerprint=fp or fingerprint(pc.model),
         tokens=json.dumps(pc.tokens),
         history=json.dumps(pc.history),
         layout=json.dumps(layout),
     )
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # mlx adds the suffix otherwise
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return snapshot(arrays, meta)
 
 
 def load_prompt_cache(path, model, return_metadata: bool = False):
     """Read a file written by `save_prompt_cache` for `model`; raises PromptCacheError
-    (naming the file) if it is not one, is damaged, or was made with another model."""
+    (naming the file) if it is not one, is damaged (ChecksumError, a PromptCacheError: its
+    checksum is verified before any of it is used), or was made with another model."""
     path = Path(path)
     try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx reports damaged files as RuntimeError/ValueError
-        raise PromptCacheError(f"{path}: not a readable prompt cache ({e})") from None
-    try:
-        pc = _from_arrays(model, arrays, meta)
+        fp = fingerprint(model)
+        _check_meta(read_metadata(path), fp)  # a clear refusal before reading the data
+        arrays, meta = read(path)
+        pc = _from_arrays(model, arrays, meta, fp)
+    except OSError as e:
+        raise PromptCacheError(f"{path}: cannot read ({e.strerror or e})") from None
     except PromptCacheError as e:
-        raise PromptCacheError(f"{path}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise PromptCacheError(f"{path}: damaged prompt cache ({type(e).__name__}: {e})") from None
     return (pc, meta) if return_metadata else pc
 
 
-def _from_arrays(model, arrays, meta) -> PromptCache:
-    if meta.get("format") != "mlx_step35.prompt_cache" or meta.get("version") != str(FORMAT_VERSION):
-        raise PromptCacheError("not a prompt cache of this format version")
-    if meta.get("fingerprint") != fingerprint(model):
+def _check_meta(meta: Dict[str, str], fp: str):
+    if meta.get("format") != "mlx_step35.prompt_cache":
+        raise PromptCacheError("not a prompt cache of mlx_step35")
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise PromptCacheError(
+            f"prompt-cache format {meta.get('version')}, this version reads {FORMAT_VERSION} only"
+            + (" (format 1 files carry no checksum: delete it)" if meta.get("version") == "1" else "")
+        )
+    if meta.get("fingerprint") != fp:
         raise PromptCacheError("made with another model (fingerprint differs)")
+
+
+def _from_arrays(model, arrays, meta, fp: str) -> PromptCache:
+    _check_meta(meta, fp)  # as verified by the checksum
     layout = json.loads(meta["layout"])
     pc = make_prompt_cache(model, draft_mtp="done" in layout)  # MTP state unused without MTP blocks
     pc.cache = [_get_cache(arrays, layout, f"trunk.{i}", c) for i, c in enumerate(pc.cache)]
@@ -334,9 +352,12 @@ class PromptCacheStore:
     whose tokens are cheapest to recompute from the one before it); over `max_bytes`, the
     least recently used conversations go first. With `directory`, released conversations
     are also written there (their state a few tokens before the end of their last prompt
-    and at the end of their last generation), and read back when memory has no match,
-    e.g. after a restart; a file that is damaged or from another model is skipped with
-    a warning; the directory is bounded by `max_dir_bytes` (oldest files go first).
+    and at the end of their last generation) by a background thread, and read back when
+    memory has no match, e.g. after a restart. An index of the directory (tokens per file),
+    built once, answers lookups (see cache_files.CacheDir). A file that is damaged (its
+    checksum or header) is deleted with a warning and the prompt prefilled cold; one from
+    another model or an older format is a miss. The directory is bounded by `max_dir_bytes`
+    (least recently used files go first). `close()` waits for pending writes.
     """
 
     def __init__(
@@ -355,11 +376,8 @@ class PromptCacheStore:
         self.entries: List[PromptCache] = []  # least recently used first
         self.dir = Path(directory) if directory else None
         self.max_dir_bytes = max_dir_bytes if max_dir_bytes is not None else 4 * max_bytes
-        if self.dir:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".*.tmp.safetensors"):  # left by a crash mid-write
-                stale.unlink(missing_ok=True)
         self._fingerprint = fingerprint(model) if self.dir else None
+        self._files = CacheDir(self.dir, self._tokens_of, self.max_dir_bytes) if self.dir else None
 
     def acquire(self, tokens: Sequence[int]) -> Tuple[PromptCache, List[int]]:
         best, best_n = None, 0
@@ -393,49 +411,43 @@ class PromptCacheStore:
     def nbytes(self) -> int:
         return sum(pc.nbytes for pc in self.entries)
 
-    def _files(self) -> List[Path]:
-        return [f for f in self.dir.glob("*.safetensors") if not f.name.startswith(".")]
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the pending writes; False if `timeout` passed first."""
+        return self._files is None or self._files.flush(timeout)
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Finish the pending writes (abandoning what is left after `timeout`: only
+        temporary files, removed at the next start) and stop the writer."""
+        return self._files is None or self._files.close(timeout)
+
+    # -- the directory -------------------------------------------------------------
+    def _tokens_of(self, meta: Dict[str, str]) -> Optional[Tuple[int, ...]]:
+        try:
+            _check_meta(meta, self._fingerprint)
+        except PromptCacheError:
+            return None  # another model's or format's: kept, never loaded
+        return tuple(int(t) for t in json.loads(meta["tokens"]))
 
     def _to_disk(self, pc: PromptCache):
+        """Hand the files of `pc` to the writer: arrays evaluated here, written there."""
         last = max(pc.checkpoints)
         before = max((p for p in pc.checkpoints if p < last and p <= len(pc.tokens) - 1), default=None)
-        for pos in {last, before} - {None}:
-            key = self._fingerprint + json.dumps(pc.tokens[:pos])
-            f = self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-            if f.exists():  # the same model and tokens: the same state, already written
-                os.utime(f)  # (most recently used: evicted last)
-                continue
-            try:
-                save_prompt_cache(f, pc.at(pos))
-            except OSError as e:  # a full disk loses a cache file, never an answer
-                warnings.warn(f"prompt cache: could not write {self.dir}: {e}", stacklevel=2)
-        files = sorted(self._files(), key=lambda f: f.stat().st_mtime)
-        total = sum(f.stat().st_size for f in files)
-        while files and total > self.max_dir_bytes:
-            f = files.pop(0)
-            total -= f.stat().st_size
-            f.unlink(missing_ok=True)
+        for pos in sorted({last, before} - {None}):
+            tokens = tuple(pc.tokens[:pos])
+            name = hashlib.sha256((self._fingerprint + json.dumps(list(tokens))).encode()).hexdigest()
+            if not self._files.has(name):  # else the same model and tokens: the same state
+                self._files.submit(name, tokens, _snapshot(pc.at(pos), fp=self._fingerprint))
 
     def _from_disk(self, tokens) -> Optional[PromptCache]:
-        best, best_n = None, 0
-        for f in self._files():
+        with self._files.longest_prefix(tokens) as f:  # no eviction while it is read
+            if f is None:
+                return None
             try:
-                meta = ShardReader(f).metadata  # the header only, validated
-                saved = json.loads(meta["tokens"])
-            except (ValueError, KeyError) as e:
-                warnings.warn(f"prompt cache: skipping {f}: {e}", stacklevel=3)
-                continue
-            if meta.get("fingerprint") != self._fingerprint:
-                continue  # another model's cache
-            if best_n < len(saved) < len(tokens) and list(tokens[: len(saved)]) == saved:
-                best, best_n = f, len(saved)
-        if best is None:
-            return None
-        try:
-            return load_prompt_cache(best, self.model)
-        except PromptCacheError as e:
-            warnings.warn(f"prompt cache: skipping {e}", stacklevel=3)
-            return None
+                return load_prompt_cache(f, self.model)
+            except PromptCacheError as e:  # damaged: never usable again
+                warnings.warn(f"prompt cache: deleting {e}", stacklevel=3)
+                self._files.delete(f)
+                return None
 
 
 def _usable(pc: PromptCache, tokens: Sequence[int]) -> int:
@@ -469,6 +481,7 @@ __all__ = [
     "PromptCache",
     "PromptCacheStore",
     "PromptCacheError",
+    "ChecksumError",
     "make_prompt_cache",
     "save_prompt_cache",
     "load_prompt_cache",

@@ -6,7 +6,7 @@ import pytest
 from factory import make_checkpoint
 from spec_models import successor_model
 
-from mlx_step35 import load
+from mlx_step35 import cache_files, load
 from mlx_step35.generation import CHECKPOINT_BEFORE_END, generate_step
 from mlx_step35.prompt_cache import (
     PromptCacheError,
@@ -174,11 +174,10 @@ def test_damaged_or_foreign_files_are_refused(random_model, tmp_path, tmp_path_f
     )[0]
     with pytest.raises(PromptCacheError, match="another model"):
         load_prompt_cache(f, other)
-    import mlx.core as mx
-
-    arrays, meta = mx.load(str(f), return_metadata=True)
+    arrays, meta = cache_files.read(f)
+    del meta["checksum"]
     meta["tokens"] = meta["tokens"].replace("[", "[7, ", 1)  # tokens no longer match the caches
-    mx.save_safetensors(str(tmp_path / "edited.safetensors"), arrays, metadata=meta)
+    cache_files.write(tmp_path / "edited.safetensors", cache_files.snapshot(arrays, meta))  # checksum ok
     with pytest.raises(PromptCacheError, match="edited.safetensors: cache offsets and tokens disagree"):
         load_prompt_cache(tmp_path / "edited.safetensors", random_model)
 
@@ -235,31 +234,34 @@ def test_store_on_disk_survives_a_restart_and_skips_bad_files(random_model, tmp_
     cold, _ = conversation(random_model, None, turns)
     first = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
     agent_turns(random_model, first, turns[:1])
+    assert first.close(timeout=60)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert files
     (tmp_path / ".x.123.tmp.safetensors").write_bytes(b"partial")  # a crash mid-write
-    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)  # damaged
+    (tmp_path / f"{'0' * 24}.safetensors").write_bytes(b"\x00" * 3)  # damaged
+    (tmp_path / "notes.safetensors").write_bytes(b"\x00" * 3)  # not the store's: left alone
     restarted = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
     assert not (tmp_path / ".x.123.tmp.safetensors").exists()
+    assert not (tmp_path / f"{'0' * 24}.safetensors").exists()
+    assert (tmp_path / "notes.safetensors").exists()
     history = SYSTEM + turns[0] + cold[0][0][-4:]
     prompt = history + turns[1] + [1, 2]
     pc, cont = restarted.acquire(prompt)
     out, _ = run(random_model, cont, pc)
     assert out == cold[1][0]
     assert pc.cached_tokens >= len(SYSTEM) + len(turns[0])
-    assert any("junk.safetensors" in str(w.message) for w in recwarn)
+    assert any(f"deleting {tmp_path / ('0' * 24)}.safetensors" in str(w.message) for w in recwarn)
 
 
 def test_store_full_disk_loses_the_file_not_the_answer(random_model, tmp_path, monkeypatch):
-    import mlx.core as mx
-
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(cache_files, "open", full, raising=False)  # the writer's open()
     store = PromptCacheStore(random_model, max_bytes=1 << 30, directory=tmp_path)
     with pytest.warns(UserWarning, match="could not write"):
         out, _ = agent_turns(random_model, store, [words(9, 71)])
+        assert store.flush(timeout=60)
     assert out[0] == conversation(random_model, None, [words(9, 71)])[0][0][0]
     assert not list(tmp_path.iterdir())
 

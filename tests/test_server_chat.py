@@ -58,17 +58,17 @@ def bytes_to_unicode() -> dict:
     return dict(zip(bs, map(chr, cs)))
 
 
-def script_checkpoint(path: Path) -> Path:
+def script_checkpoint(path: Path, script=SCRIPT) -> Path:
     """Factory checkpoint with Step-3.5's template whose last BPE merges' tokens are renamed to
-    the SCRIPT pieces (no later merge uses them), and the chain: prompt end -> SCRIPT -> EOS."""
+    the `script` pieces (no later merge uses them), and the chain: prompt end -> script -> EOS."""
     make_checkpoint(path, chat_template=True)
     tj = json.loads((path / "tokenizer.json").read_text())
     vocab, merges = tj["model"]["vocab"], tj["model"]["merges"]
-    last = merges[-len(SCRIPT) :]
-    del merges[-len(SCRIPT) :]
+    last = merges[-len(script) :]
+    del merges[-len(script) :]
     b2u = bytes_to_unicode()
     ids = []
-    for merge, piece in zip(last, SCRIPT):
+    for merge, piece in zip(last, script):
         a, b = merge if isinstance(merge, list) else merge.split(" ")
         name = "".join(b2u[c] for c in piece.encode())
         assert name not in vocab
@@ -76,7 +76,7 @@ def script_checkpoint(path: Path) -> Path:
         vocab[name] = ids[-1]
     (path / "tokenizer.json").write_text(json.dumps(tj))
     tok = load_tokenizer(path)
-    assert tok.decode(ids) == "".join(SCRIPT)
+    assert tok.decode(ids) == "".join(script)
     end = render_prompt(tok, USER)[-1]  # every generation prompt ends in the same token
     eos = tok.convert_tokens_to_ids(IM_END)
     (path / "chain.json").write_text(json.dumps([end] + ids + [eos]))

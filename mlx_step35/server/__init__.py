@@ -28,7 +28,8 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m mlx_step35.server",
         description="OpenAI-compatible server (chat/completions, completions, models, metrics, a chat page "
-        "at /) for Step-3.5/3.7-Flash, drafting with its MTP blocks. Flags as mlx_lm.server's.",
+        "at /), also speaking Anthropic's /v1/messages, for Step-3.5/3.7-Flash, drafting with its MTP "
+        "blocks. Flags as mlx_lm.server's.",
     )
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
@@ -53,7 +54,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--top-k", type=int, default=s.top_k, help="default top-k (0 = off)")
     p.add_argument("--min-p", type=float, default=s.min_p, help="default min-p (0 = off)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="default max tokens per reply")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument(
+        "--api-key", default=None, help="require the key: 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+    )
     p.add_argument("--allowed-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)")
     p.add_argument(
         "--max-queue", type=int, default=MAX_QUEUE, help="queued requests before 503 (default %(default)s)"

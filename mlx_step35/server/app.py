@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI-compatible routes, errors, API key, body limit, metrics."""
+"""The FastAPI application: OpenAI-compatible and Anthropic routes, errors (each protocol's
+shape, by path), API key, body limit, metrics."""
 
 import hmac
 import json
@@ -11,15 +12,18 @@ from typing import Optional, Tuple
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..memory import wired_limit
+from . import anthropic
 from .chat import serve_chat
 from .context import Context, Settings, error, failed_response, run_job
 from .engine import Engine, Failed, Finished, Piece
 from .metrics import Metrics
+from .openai_responses import serve_responses
 from .responses import Envelope, completion_logprobs, error_body, timings, usage
+from .responses_input import ResponsesRequest, ResponseStore
 from .schemas import (
     ChatRequest,
     CompletionRequest,
@@ -60,19 +64,24 @@ class Guard:
         headers = dict(scope["headers"])
         key = self.settings.api_key
         if key and scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            bearer = headers.get(b"authorization", b"").decode("latin-1").encode()
+            given = headers.get(b"x-api-key", b"").decode("latin-1").encode()  # Anthropic's clients
+            if not (
+                hmac.compare_digest(bearer, f"Bearer {key}".encode())
+                or hmac.compare_digest(given, key.encode())
+            ):
                 return await _reply(
                     send,
+                    path,
                     401,
-                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
                     "authentication_error",
                     {"www-authenticate": "Bearer"},
                 )
         limit = self.settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _reply(send, 413, f"request body over the limit of {limit} bytes")
+            return await _reply(send, path, 413, f"request body over the limit of {limit} bytes")
         body, more, disconnect = [], True, None
         size = 0
         while more and scope["method"] in ("POST", "PUT", "PATCH"):
@@ -84,7 +93,7 @@ class Guard:
             size += len(body[-1])
             more = message.get("more_body", False)
             if size > limit:
-                return await _reply(send, 413, f"request body over the limit of {limit} bytes")
+                return await _reply(send, path, 413, f"request body over the limit of {limit} bytes")
         replayed = False
 
         async def replay():
@@ -100,8 +109,9 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-async def _reply(send, status: int, message: str, kind="invalid_request_error", headers=None):
-    body = json.dumps(error_body(message, kind)).encode()
+async def _reply(send, path: str, status: int, message: str, kind="invalid_request_error", headers=None):
+    body = anthropic.error_body(status, message) if anthropic.owns(path) else error_body(message, kind)
+    body = json.dumps(body).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -124,24 +134,33 @@ def _validation_message(exc: RequestValidationError) -> Tuple[str, Optional[str]
     return "; ".join(parts) or "invalid request", param
 
 
+def _error(request: Request, status: int, message: str, param=None, kind="invalid_request_error", **kw):
+    """An error in the shape of the protocol that `request`'s path belongs to."""
+    if anthropic.owns(request.url.path):
+        return anthropic.error_response(status, message, headers=kw.get("headers"))
+    return error(status, message, param, kind=kind, **kw)
+
+
 def add_error_handlers(app: FastAPI):
-    """Every error as an OpenAI error object; validation errors are 400s naming the field."""
+    """Every error as the protocol's error object (OpenAI's, or Anthropic's on its routes);
+    validation errors are 400s naming the field."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, exc):
         message, param = _validation_message(exc)
-        return error(400, message, param)
+        return _error(request, 400, message, param)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request, exc: RequestError):
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
         kind = "server_busy" if exc.status == 503 else "invalid_request_error"
         code = "model_not_found" if exc.status == 404 else None
-        return error(exc.status, str(exc), exc.param, kind=kind, code=code, headers=headers)
+        return _error(request, exc.status, str(exc), exc.param, kind=kind, code=code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
-        return error(
+        return _error(
+            request,
             exc.status_code,
             str(exc.detail),
             kind="not_found_error" if exc.status_code == 404 else "invalid_request_error",
@@ -150,7 +169,7 @@ def add_error_handlers(app: FastAPI):
     @app.exception_handler(Exception)
     async def on_crash(request, exc):
         log.exception("unexpected error")
-        return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+        return _error(request, 500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -180,10 +199,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     card = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-step35"}
+    card.update(anthropic.model_card(settings.model_id))  # one listing both SDKs read
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card], **anthropic.model_page(settings.model_id)}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
@@ -199,6 +219,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def page():
         return resources.files("mlx_step35.server").joinpath("static/chat.html").read_text(encoding="utf-8")
 
+    @app.head("/")
+    async def probe():  # Claude Code probes the base URL before its first request
+        return Response(media_type="text/html")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         return await serve_completion(ctx, req, request)
@@ -206,6 +230,20 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         return await serve_chat(ctx, req, request)
+
+    stored = ResponseStore()  # for previous_response_id
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await serve_responses(ctx, req, request, stored)
+
+    @app.post(anthropic.PREFIX)  # also as Claude Code's /v1/messages?beta=true
+    async def messages(req: anthropic.MessagesRequest, request: Request):
+        return await anthropic.serve_messages(ctx, req, request)
+
+    @app.post(anthropic.PREFIX + "/count_tokens")
+    async def count_tokens(req: anthropic.CountTokensRequest):
+        return await anthropic.count_tokens(ctx, req)
 
     return app
 

@@ -141,12 +141,15 @@ class Turn:
         return out
 
 
-async def start_chat(ctx: Context, req: ChatRequest, max_tokens: Optional[int], top_logprobs=None) -> Turn:
-    """Validate, render and queue one chat request: the one path every chat protocol takes."""
+async def start_chat(
+    ctx: Context, req: ChatRequest, max_tokens: Optional[int], top_logprobs=None, fit_context=False
+) -> Turn:
+    """Validate, render and queue one chat request: the one path every chat protocol takes
+    (`fit_context`: see Context.gen_request)."""
     ctx.check_model(req.model)
     refuse_unsupported(req)
     ids, in_reasoning, marks = await ctx.off_loop(render, ctx.engine.tokenizer, req)
-    gen = ctx.gen_request(req, ids, max_tokens, top_logprobs)
+    gen = ctx.gen_request(req, ids, max_tokens, top_logprobs, fit_context)
     gen.checkpoints = marks  # where the prompt cache snapshots the prefill
     job = ctx.submit(gen)
     return Turn(req, ids, in_reasoning, gen, job, ctx.settings.model_id)

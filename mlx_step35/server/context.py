@@ -59,8 +59,10 @@ class Context:
             )
 
     def gen_request(
-        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs
+        self, req: _Common, prompt: List[int], max_tokens: Optional[int], top_logprobs, fit_context=False
     ) -> GenRequest:
+        """The validated GenRequest; `fit_context`: a max_tokens beyond the context's room is
+        lowered to it (Anthropic's behaviour) instead of refused (OpenAI's)."""
         s = self.settings
         vocab = self.engine.model.args.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
@@ -70,11 +72,14 @@ class Context:
         room = self.engine.context_length - len(prompt)
         if room < 1:
             raise RequestError(
-                f"the prompt has {len(prompt)} tokens; the model's context is {self.engine.context_length}",
+                f"prompt is too long: {len(prompt)} tokens > {self.engine.context_length} maximum "
+                "(the model's context)",
                 "messages" if hasattr(req, "messages") else "prompt",
             )
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        if fit_context and max_tokens is not None:
+            max_tokens = min(max_tokens, room)
         if max_tokens is not None and max_tokens > room:
             raise RequestError(
                 f"max_tokens {max_tokens} + the prompt's {len(prompt)} tokens exceed the model's context "
@@ -152,6 +157,29 @@ async def run_job(ctx: Context, job, request: Request, stream_fn, collect_fn, tr
     finally:
         job.cancel()
         watcher.cancel()
+
+
+async def keep_alive(chunks, every_s: float):
+    """`chunks` (an async iterator), with None yielded whenever the next chunk takes longer than
+    `every_s` (a long prompt's prefill): the caller writes its protocol's keep-alive for it, so
+    that clients and proxies do not give up on an idle stream."""
+    it, pending = chunks.__aiter__(), None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            pending, task = None, pending
+            try:
+                chunk = task.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 def failed_response(ev: Failed):

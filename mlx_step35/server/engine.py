@@ -221,9 +221,12 @@ class Engine:
         self.queue.put_nowait(None)
 
     def shutdown(self, timeout: float = 30.0):
-        """stop(), then wait for the generation thread."""
+        """stop(), then wait for the generation thread and the prompt cache's pending writes
+        (a write still running after `timeout` leaves only a temporary file)."""
         self.stop()
         self.thread.join(timeout)
+        if self.prompt_cache is not None:
+            self.prompt_cache.close(timeout)
 
     def current_cancel(self):
         job = self._current
