@@ -12,7 +12,10 @@ from mlx_step35 import load, make_sampler
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
 from mlx_step35.follow import request_kwargs
 from mlx_step35.generation import parse_min_confidence
+from mlx_step35.server.anthropic import MessagesRequest
+from mlx_step35.server.anthropic import chat_request as anthropic_chat_request
 from mlx_step35.server.engine import GenRequest
+from mlx_step35.server.responses_input import ResponsesRequest, as_items, to_chat
 from mlx_step35.server.schemas import ChatRequest
 from mlx_step35.speculative import MTPDrafter, SpecStats, accept
 
@@ -221,5 +224,16 @@ def test_parse_and_request_field():
     for bad in (1.0, -0.5, "always"):
         with pytest.raises(ValueError):
             ChatRequest(messages=msgs, draft_min_confidence=bad)
+    # the other protocols translate theirs into the chat request
+    m = MessagesRequest(model="m", max_tokens=5, messages=msgs, draft_min_confidence=0.35)
+    assert anthropic_chat_request(m).draft_min_confidence == 0.35
+    r = ResponsesRequest(input="hi", draft_min_confidence="auto")
+    assert to_chat(r, as_items(r.input))[0].draft_min_confidence == "auto"
+    for schema, kw in (
+        (MessagesRequest, dict(model="m", max_tokens=5, messages=msgs)),
+        (ResponsesRequest, {}),
+    ):
+        with pytest.raises(ValueError):
+            schema(draft_min_confidence=1.5, **kw)
     req = GenRequest(prompt=[1, 2], max_tokens=3, sampler=make_sampler(), draft_min_confidence=0.4)
     assert request_kwargs(req.shared())["draft_min_confidence"] == 0.4  # what every rank runs

@@ -20,6 +20,10 @@ class RequestError(ValueError):
         self.status = status
 
 
+# a request's draft_min_confidence (every protocol): the gate's threshold, or "auto"
+MinConfidence = Optional[Union[Annotated[float, Field(ge=0, lt=1)], Literal["auto"]]]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -45,7 +49,7 @@ class _Common(BaseModel):
     num_draft: Optional[Union[int, Literal["auto"]]] = None  # ours: 0 decodes plainly
     return_token_ids: bool = False  # vLLM's extension: prompt and completion token ids
     logit_bias: Optional[Dict[str, float]] = None
-    draft_min_confidence: Optional[Union[Annotated[float, Field(ge=0, lt=1)], Literal["auto"]]] = None  # ours
+    draft_min_confidence: MinConfidence = None  # ours: the MTP confidence gate
     # accepted, changing nothing about the output
     user: Optional[str] = None
     store: Optional[bool] = None
