@@ -6,7 +6,14 @@ from dataclasses import asdict
 
 from mlx_step35.cli import ArgumentParser, user_errors
 from mlx_step35.expert_cache import add_expert_cache_arguments
-from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
+from mlx_step35.generation import (
+    DRAFT_MIN_CONFIDENCE,
+    GATE_DEFAULT,
+    MAX_TOKENS,
+    NUM_DRAFT,
+    PREFILL_STEP,
+    parse_min_confidence,
+)
 from mlx_step35.sampling import Sampler
 from mlx_step35.weights import QuantRecipe
 
@@ -21,8 +28,9 @@ def main(argv=None):
         prog="generate.py",
         description=__doc__ + " With --draft-mtp, each step drafts up to --num-draft tokens with "
         "the chained MTP blocks and verifies them in one trunk pass: sampled output has exactly "
-        "plain decoding's distribution and greedy output is identical to it on the CPU (on Metal, "
-        "up to near-ties that the wider pass rounds differently).",
+        "plain decoding's distribution; greedy output is identical to it in float32 on the CPU, "
+        "while in bf16 (and on Metal) a near-tie that the wider pass rounds differently can flip "
+        "a token (README: What lossless means).",
         epilog="Example: python generate.py --model ~/models/Step-3.5-Flash-4bit --draft-mtp "
         '--prompt "def fibonacci(n):"',
     )
@@ -122,6 +130,14 @@ def main(argv=None):
         help="also print the prompt, per-step details and the memory pre-flight "
         "(printed anyway when the model does not fit as configured)",
     )
+    p.add_argument(
+        "--draft-min-confidence",
+        default=DRAFT_MIN_CONFIDENCE,
+        metavar="P",
+        help="stop a step's draft chain before the first MTP block whose confidence (its draft "
+        "distribution's top probability) is below P, in [0, 1); 0 = never; auto (default): learnt "
+        f"with the depth under --num-draft auto, {GATE_DEFAULT} at a fixed depth. Output is unchanged",
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -129,6 +145,10 @@ def main(argv=None):
         p.error("--prefill-step-size must be at least 1")
     if a.expert_cache_gb is not None and a.expert_cache_gb <= 0:
         p.error("--expert-cache-gb must be positive")
+    try:
+        a.draft_min_confidence = parse_min_confidence(a.draft_min_confidence)
+    except ValueError as e:
+        p.error(str(e))
     a.draft_mtp = a.draft_mtp or a.num_draft is not None
     a.num_draft = a.num_draft or NUM_DRAFT
     with user_errors(p.prog), warnings.catch_warnings():
@@ -227,6 +247,7 @@ def generate(a, group):
         prefill_step_size=a.prefill_step_size,
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
+        draft_min_confidence=a.draft_min_confidence,
     ):
         show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
         reply += last.text

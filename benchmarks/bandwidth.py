@@ -62,6 +62,32 @@ def distinct_independent(E, k, m):
     return E * (1 - (1 - k / E) ** m)
 
 
+def kv_bytes(c, context):
+    return c["kv_full_per_token"] * context + c["kv_sliding"] * min(1.0, context / 512)
+
+
+def pass_bytes(c, overlap, m, corr, context=0):
+    """Bytes one trunk pass over m tokens reads: dense weights once, the union of the experts
+    its tokens route to (independent routing, or scaled by the demo's measured overlap)."""
+    extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
+    return c["dense"] + c["lm_head"] + kv_bytes(c, context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+
+
+def draft_bytes(c, blocks):
+    """Bytes of drafting with MTP blocks 1..blocks (commit pass, draft pass from block 2, heads)."""
+    return 0 if blocks == 0 else (2 * blocks - 1) * c["mtp_body"] + blocks * c["mtp_head"]
+
+
+def bytes_per_token(c, overlap, steps, corr=True, context=0):
+    """Real-model bytes per generated token for measured steps {(drafts verified, MTP blocks
+    run, drafts accepted): count} (see SpecStats.steps)."""
+    total = sum(
+        k * (pass_bytes(c, overlap, n + 1, corr, context) + draft_bytes(c, b))
+        for (n, b, _), k in steps.items()
+    )
+    return total / sum(k * (a + 1) for (_, _, a), k in steps.items())
+
+
 def demo_overlap(max_m=4):
     """Distinct experts touched by m consecutive tokens of real text on the demo model,
     relative to independent routing (1.0 = as if independent)."""
@@ -109,17 +135,8 @@ def main():
     c = components()
     overlap, dE, dk = demo_overlap()
 
-    def kv_bytes(context):
-        return c["kv_full_per_token"] * context + c["kv_sliding"] * min(1.0, context / 512)
-
     def verify_bytes(m, corr, context=a.context):
-        extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
-        return (
-            c["dense"] + c["lm_head"] + kv_bytes(context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
-        )
-
-    def draft_bytes(n):
-        return 0 if n == 0 else (2 * n - 1) * c["mtp_body"] + n * c["mtp_head"]
+        return pass_bytes(c, overlap, m, corr, context)
 
     G = 1e9
     print(
@@ -152,7 +169,7 @@ def main():
             p *= acc[j]
             E_n += p
         vi, vc = verify_bytes(n + 1, False), verify_bytes(n + 1, True)
-        ti, tc = (vi + draft_bytes(n)) / E_n, (vc + draft_bytes(n)) / E_n
+        ti, tc = (vi + draft_bytes(c, n)) / E_n, (vc + draft_bytes(c, n)) / E_n
         speeds = " | ".join(f"{eff * bw / ti:.0f}-{eff * bw / tc:.0f} tok/s" for bw in MACS.values())
         print(f"| {n} | {E_n:.2f} | {vi / G:.2f} / {vc / G:.2f} | {ti / G:.2f} / {tc / G:.2f} | {speeds} |")
 

@@ -11,12 +11,13 @@ from .sampling import make_logits_processors, make_sampler
 def request_kwargs(request: dict) -> dict:
     """stream_generate keyword arguments (prompt as token ids included) for a shared request:
     {"prompt": [ids], "max_tokens", "sampler": make_sampler kwargs, "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed"};
-    every rank builds the same call."""
+    "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed",
+    "draft_min_confidence"}; every rank builds the same call."""
     if request.get("seed") is not None:
         mx.random.seed(request["seed"])
     penalties = {k: request.get(k) for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
-    kwargs = {k: request[k] for k in ("prompt", "max_tokens", "draft_mtp", "num_draft") if k in request}
+    keys = ("prompt", "max_tokens", "draft_mtp", "num_draft", "draft_min_confidence")
+    kwargs = {k: request[k] for k in keys if k in request}
     kwargs["stop_strings"] = tuple(request.get("stop_strings") or ())
     kwargs["sampler"] = make_sampler(**(request.get("sampler") or {}))
     kwargs["logits_processors"] = make_logits_processors(**penalties) if any(penalties.values()) else None

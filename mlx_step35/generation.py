@@ -10,23 +10,18 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import grow_slack, rewind
+from .draft_policy import BUCKETS, AutoDraft, FixedDraft
 from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import CHECKPOINT_BEFORE_END, PromptCache
 from .sampling import Sampler, as_sampler, process
-from .speculative import (
-    PREFILL_STEP,
-    AutoDraft,
-    FixedDraft,
-    MTPDrafter,
-    SpecStats,
-    accept,
-    draft_bytes_ratio,
-)
+from .speculative import PREFILL_STEP, MTPDrafter, SpecStats, accept, draft_bytes_ratio
 
 MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"
+DRAFT_MIN_CONFIDENCE = "auto"  # learnt under num_draft="auto"; GATE_DEFAULT at a fixed depth
+GATE_DEFAULT = 0.15  # at a fixed depth: the least real-model bytes per token on the demo (RESULTS 13)
 
 
 @dataclass
@@ -51,6 +46,24 @@ def check_num_draft(num_draft):
     raise ValueError(f"num_draft must be 1, 2, 3 or 'auto' (the model has 3 MTP blocks), got {num_draft!r}")
 
 
+def check_min_confidence(value):
+    if value == "auto" or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    ):
+        return value
+    raise ValueError(f"draft_min_confidence must be in [0, 1) or 'auto', got {value!r}")
+
+
+def parse_min_confidence(text: str):
+    """A command line's --draft-min-confidence: 'auto' or a number in [0, 1) (ValueError else)."""
+    try:
+        return check_min_confidence(text if text == "auto" else float(text))
+    except ValueError:
+        raise ValueError(
+            f"--draft-min-confidence must be 'auto' or a number in [0, 1), got {text!r}"
+        ) from None
+
+
 def generate_step(
     model,
     prompt: Sequence[int],
@@ -64,6 +77,7 @@ def generate_step(
     stats: Optional[SpecStats] = None,
     prompt_cache: Optional[PromptCache] = None,
     checkpoints: Sequence[int] = (),
+    draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
 
@@ -71,9 +85,16 @@ def generate_step(
     ("auto": the depth, 0 included, that the measured acceptance and step times favour),
     verifies them with one trunk pass and keeps the accepted prefix plus the trunk's
     own next token (see `speculative.accept`): sampled output is distributed exactly like
-    plain decoding's, greedy output is the trunk's argmax at every token. On the CPU backend
-    that is token-for-token plain decoding's output; on Metal a verify pass over n+1 rows may
-    round differently from a one-row pass, so at an exact near-tie its argmax can differ.
+    plain decoding's, greedy output is the trunk's argmax at every token. `draft_min_confidence`
+    stops a step's chain before the first MTP block less sure than it (see
+    `speculative.confidence`; 0.0: never; "auto", the default: learnt with the depth under
+    num_draft="auto", `GATE_DEFAULT` at a fixed depth); the rule above holds whatever the
+    chain's length.
+    What "identical" means per dtype: in float32, greedy drafting gives plain decoding's tokens
+    (tested); in bf16 (and fp16) a verify pass over n+1 rows rounds differently from a one-row
+    pass (on the CPU backend too), so where the two best tokens are near-tied the argmax can
+    flip and the texts part there: both are the model's greedy output within bf16 rounding
+    (measured on the demo: see README, "What lossless means").
 
     With a `prompt_cache` (see `prompt_cache.make_prompt_cache`), `prompt` continues the
     conversation it holds; only the tokens not cached yet run, and the cache is updated in
@@ -89,6 +110,7 @@ def generate_step(
         raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
     if draft_mtp:
         num_draft = check_num_draft(num_draft)
+        draft_min_confidence = check_min_confidence(draft_min_confidence)
         if not model.num_mtp:
             warnings.warn(
                 "this model has no MTP weights: --draft-mtp ignored, decoding plainly", stacklevel=2
@@ -96,10 +118,14 @@ def generate_step(
             draft_mtp = False
     policy = None
     if draft_mtp:
+        learn = draft_min_confidence == "auto"
         if num_draft == "auto":
-            policy = AutoDraft(model.num_mtp, draft_bytes_ratio(model))
+            gates = BUCKETS if learn else (draft_min_confidence,)
+            policy = AutoDraft(model.num_mtp, draft_bytes_ratio(model), thresholds=gates)
         else:
-            policy = FixedDraft(min(num_draft, model.num_mtp))
+            policy = FixedDraft(
+                min(num_draft, model.num_mtp), GATE_DEFAULT if learn else draft_min_confidence
+            )
     slack = (policy.max_depth if policy else 0) + 1  # tokens a verify step may rewind, plus one
     slack0 = 1 if isinstance(policy, AutoDraft) else slack
     tokens = [int(t) for t in prompt]
@@ -204,7 +230,7 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
     With a policy (--num-draft auto), every `policy.plain_check` tokens it gets their time
     and is asked for the next depth; it is asked before the next pass is queued, from the
     tokens already out, so the pipeline never stalls and no pass is wasted. Returns the
-    depth that ended the run, or None when `count` tokens are out."""
+    (depth, gate threshold) that ended the run, or None when `count` tokens are out."""
     hist = mx.array(tokens[:-1], dtype=mx.uint32)  # the samplers' dtype: no casts per step
     sync = lockstep(model)
 
@@ -228,8 +254,8 @@ def _plain_run(model, tokens, cache, sampler, processors, count, drafter=None, p
             if more and policy and timed >= policy.plain_check:
                 policy.update_plain(timed, last - since)
                 since, timed = last, 0
-                choice = sync.ints([policy.choose()])[0]  # timings differ per rank: rank 0 decides
-                more = choice == 0
+                choice = _choose(sync, policy)  # timings differ per rank: rank 0 decides
+                more = choice[0] == 0
             if more:
                 nxt = step(y)
                 mx.async_eval(nxt)
@@ -276,15 +302,17 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
     n_out = 0
     sync = lockstep(model)
     slack = policy.max_depth + 1
-    n = None  # the depth of the next step, when already chosen
-    step = None  # the next step, already queued: (depth, drafts, dists, h, logprobs, start time)
+    choice = None  # (depth, gate threshold) of the next step, when already chosen
+    step = None  # the next step, already queued: (depth, drafts, dists, confs, h, logprobs, start time)
     try:
         while n_out < max_new:
             if step is None:
-                n = min(sync.ints([policy.choose()])[0] if n is None else n, max_new - n_out - 1)
+                n, gate = choice or _choose(sync, policy)
+                n = min(n, max_new - n_out - 1)
+                choice = None
                 if n == 0 and policy.plain_check:  # pipelined plain decoding, until the policy says
                     start = len(tokens)
-                    n = yield from _plain_run(
+                    choice = yield from _plain_run(
                         model, tokens, cache, sampler, processors, max_new - n_out, drafter, policy, stats
                     )
                     n_out += len(tokens) - start
@@ -292,23 +320,25 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
                 if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
                     grow_slack(cache, slack)
                     slack = 0
-                step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
-            n, drafts, dists, h, lp, tic = step
+                step = _queue_step(model, tokens, cache, drafter, n, gate, sampler, processors)
+            n, drafts, dists, confs, h, lp, tic = step
             n_acc, nxt = sync.ints(list(accept(drafts, dists, lp, sampler)))  # rank 0 decides
             rewind(cache, n - n_acc)
             step = None
             drafter.add_trunk(h[:, : n_acc + 1])
-            policy.update(n, n_acc, time.perf_counter() - tic)
-            stats.record(n, n_acc)
+            confs = confs.tolist()  # computed with the drafts
+            policy.update(n, n_acc, time.perf_counter() - tic, confs)
+            stats.record(n, n_acc, max(n, len(confs)))
             stats.verify_steps += 1
             new = drafts[:n_acc].tolist() + [nxt]
             tokens.extend(new)
-            n = None
             left = max_new - n_out - len(new)  # tokens still wanted after these
             if left > 0:
-                n = min(sync.ints([policy.choose()])[0], left - 1)
+                n, gate = choice = _choose(sync, policy)
+                n = min(n, left - 1)
                 if n or not policy.plain_check:
-                    step = _queue_step(model, tokens, cache, drafter, n, sampler, processors)
+                    step = _queue_step(model, tokens, cache, drafter, n, gate, sampler, processors)
+                    choice = None
             for i, t in enumerate(new):
                 yield t, lp[i], i < n_acc
                 n_out += 1
@@ -319,16 +349,26 @@ def _speculative(model, tokens, cache, drafter, sampler, processors, policy, max
             rewind(cache, step[0] + 1)
 
 
-def _queue_step(model, tokens, cache, drafter, n, sampler, processors):
+def _choose(sync, policy) -> Tuple[int, float]:
+    """Rank 0's policy choice, on every rank: (depth, gate threshold, in millionths)."""
+    n = policy.choose()
+    n, micro = sync.ints([n, round(policy.min_confidence * 1e6)])
+    return n, micro / 1e6
+
+
+def _queue_step(model, tokens, cache, drafter, n, gate, sampler, processors):
     """Build and queue one speculative step after tokens[-1] (verified, not yet through the
-    trunk): n drafts, then the trunk pass verifying them and its processed log-probabilities."""
+    trunk): up to n drafts (fewer where the gate stops the chain), then the trunk pass
+    verifying them and its processed log-probabilities."""
     tic = time.perf_counter()
-    drafts, dists = drafter.draft(tokens, n, sampler, processors) if n else (mx.array([], dtype=mx.int32), [])
     if n:
-        mx.async_eval(drafts, dists)
+        drafts, dists, confs = drafter.draft(tokens, n, sampler, processors, gate)
+        mx.async_eval(drafts, dists, confs)
+    else:
+        drafts, dists, confs = mx.array([], dtype=mx.int32), [], mx.array([])
     h, lp = verify_step(model, tokens, drafts, cache, processors)
     mx.async_eval(lp)
-    return n, drafts, dists, h, lp, tic
+    return drafts.shape[0], drafts, dists, confs, h, lp, tic
 
 
 def _peak_gb() -> float:
@@ -349,6 +389,7 @@ def stream_generate(
     stop_strings: Sequence[str] = (),
     prompt_cache: Optional[PromptCache] = None,
     checkpoints: Sequence[int] = (),
+    draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream GenerationResponse objects like mlx_lm.stream_generate; `prompt` is a
     string (tokenized as is: apply a chat template first if you want one) or token ids.
@@ -374,6 +415,7 @@ def stream_generate(
         stats=stats,
         prompt_cache=prompt_cache,
         checkpoints=checkpoints,
+        draft_min_confidence=draft_min_confidence,
     )
     n = 0
     for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):
@@ -449,6 +491,8 @@ def format_stats(r: GenerationResponse) -> str:
             f"Tokens per trunk pass: {r.generation_tokens / passes:.2f} "
             f"({s.verify_steps} verify steps, {s.plain_tokens} plain steps)"
         )
+        if s.gated:
+            lines.append(f"Confidence gate: stopped the chain early in {s.gated} of {s.verify_steps} steps")
         if s.drafted:
             lines.append(
                 "MTP acceptance by depth: "
@@ -456,6 +500,8 @@ def format_stats(r: GenerationResponse) -> str:
                     f"{d + 1}: {a:.1%} ({s.accepted[d]}/{s.drafted[d]})" for d, a in enumerate(s.acceptance)
                 )
             )
+        elif s.gated:
+            lines.append("MTP drafts: none (the confidence gate stopped every chain at block 1)")
         else:
             lines.append("MTP drafts: none (auto: drafting was not expected to pay on this machine)")
     lines.append(f"Peak memory: {r.peak_memory:.3f} GB")

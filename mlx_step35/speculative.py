@@ -8,7 +8,7 @@ rewound at once, so block k's cache always holds exactly the teacher-forced entr
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -28,18 +28,27 @@ class SpecStats:
     plain_tokens: int = 0  # tokens decoded plainly, one trunk pass each (--num-draft auto)
     drafted: List[int] = field(default_factory=list)  # per MTP depth
     accepted: List[int] = field(default_factory=list)
+    gated: int = 0  # steps whose chain the confidence gate stopped before the chosen depth
+    # (drafts verified, MTP blocks run, drafts accepted) -> steps: what a bandwidth model needs
+    steps: Dict[Tuple[int, int, int], int] = field(default_factory=dict)
 
-    def record(self, n_drafted: int, n_accepted: int):
+    def record(self, n_drafted: int, n_accepted: int, blocks: Optional[int] = None):
         while len(self.drafted) < n_drafted:
             self.drafted.append(0)
             self.accepted.append(0)
         for d in range(n_drafted):
             self.drafted[d] += 1
             self.accepted[d] += d < n_accepted
+        key = (n_drafted, n_drafted if blocks is None else blocks, n_accepted)
+        self.steps[key] = self.steps.get(key, 0) + 1
+        self.gated += key[1] > n_drafted
 
     def merge(self, other: "SpecStats"):
         self.verify_steps += other.verify_steps
         self.plain_tokens += other.plain_tokens
+        self.gated += other.gated
+        for key, count in other.steps.items():
+            self.steps[key] = self.steps.get(key, 0) + count
         for d, (n, a) in enumerate(zip(other.drafted, other.accepted)):
             if d == len(self.drafted):
                 self.drafted.append(0)
@@ -51,6 +60,11 @@ class SpecStats:
     def acceptance(self) -> List[float]:
         """Per depth: accepted / drafted (depth d is only drafted when d-1 was)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def rejected(self) -> int:
+        """Drafted tokens that were verified and not kept."""
+        return sum(self.drafted) - sum(self.accepted)
 
 
 class MTPDrafter:
@@ -131,19 +145,25 @@ class MTPDrafter:
             self.hidden[self.K] = last[:, -1:]
 
     def draft(
-        self, seq: List[int], n: int, sampler: Sampler, processors=None
-    ) -> Tuple[mx.array, List[mx.array]]:
+        self, seq: List[int], n: int, sampler: Sampler, processors=None, min_confidence: float = 0.0
+    ) -> Tuple[mx.array, List[mx.array], mx.array]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
-        verified token). Returns the drafts as an int32 array [n] and, per draft, the
-        distribution it was drawn from [1, V]; each draft is queued (`mx.async_eval`) as soon
-        as it is built, nothing waits for them here."""
+        verified token). Returns the drafts as an int32 array [m <= n], per draft the
+        distribution it was drawn from [1, V], and the gate confidences (see `confidence`)
+        of the blocks run [m, or m + 1 when the gate stopped the chain].
+
+        With `min_confidence` > 0 the chain stops before the first block whose confidence is
+        below it: that block's draft is not kept (one host sync per block; rank 0 decides).
+        Without the gate nothing waits: each draft is queued (`mx.async_eval`) as soon as it
+        is built."""
         self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
             raise ValueError("draft() needs exactly one verified token beyond the trunk")
-        drafts, dists = [], []
+        drafts, dists, confs = [], [], []
         history = mx.array(seq, dtype=mx.int32) if processors else None
         prev = None  # block k-1's rows [done[k-1], P), computed for this draft only
+        chain = None  # q_j(d_j) of the drafts kept, multiplied (GATE == "product")
         try:
             for k in range(1, n + 1):
                 t0 = self.done[k]
@@ -156,19 +176,54 @@ class MTPDrafter:
                 logits = self.model.mtp[k - 1].shared_head(h_k)[:, -1]
                 hist = mx.concatenate([history] + drafts) if processors else None
                 lp = process(logits, hist, processors)
-                if sampler.greedy:
-                    tok = lp.argmax(axis=-1).astype(mx.int32)
+                dist = None if sampler.greedy else sampler.probs(lp)
+                tok = (lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist))).astype(
+                    mx.int32
+                )
+                conf = confidence(dist, lp, sampler, chain)
+                confs.append(conf)
+                if min_confidence > 0:  # rank 0's draft and verdict, on every rank
+                    below = (conf < min_confidence).astype(mx.int32)
+                    both = lockstep(self.model).array(mx.concatenate([tok, below]))
+                    tok, stop = both[:1], both[1].item()
+                    if stop:
+                        break
+                    chain = conf if GATE == "product" else None
                 else:
-                    dist = sampler.probs(lp)
-                    tok = mx.random.categorical(mx.log(dist)).astype(mx.int32)
+                    tok = lockstep(self.model).array(tok)  # rank 0's draft feeds the next block on every rank
+                    chain = conf if GATE == "product" else None
+                if not sampler.greedy:
                     dists.append(dist)
-                tok = lockstep(self.model).array(tok)  # rank 0's draft feeds the next block on every rank
+                    if chain is not None:  # the kept draft's own probability joins the product
+                        chain = chain / mx.max(dist) * mx.take(dist[0], tok)
                 drafts.append(tok)
                 mx.async_eval(tok, dists[-1:])  # queued: block k computes while k+1 is built
         finally:  # keep only committed entries, whatever happened
             for k in range(1, self.K + 1):
                 rewind([self.cache[k - 1]], self.cache[k - 1].offset - self.done[k])
-        return mx.concatenate(drafts), dists
+        empty = mx.array([], dtype=mx.int32)
+        return (
+            (mx.concatenate(drafts) if drafts else empty),
+            dists,
+            mx.concatenate(confs) if confs else mx.array([]),
+        )
+
+
+# What the draft gate compares with draft_min_confidence: "own", the block's own confidence,
+# or "product", that times the probabilities of the drafts kept before it in the chain.
+GATE = "own"
+
+
+def confidence(dist: mx.array, lp: mx.array, sampler: Sampler, chain: Optional[mx.array]) -> mx.array:
+    """A block's gate confidence [1]: the largest probability of the distribution the draft is
+    drawn from (greedy: the softmax of the processed log-probabilities, so the drafted
+    token's own probability), times `chain` when given. It depends on that distribution
+    only, never on the token drawn from it: whether position k is drafted is then decided
+    by the verified tokens before it, so the acceptance rule stays exact. (Dropping a
+    sampled draft for its own low q(d) would not: the verified tokens would be biased
+    towards confident drafts.)"""
+    top = mx.exp(lp.max(axis=-1)) if sampler.greedy else dist.max(axis=-1)
+    return top if chain is None else top * chain
 
 
 def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:
@@ -188,8 +243,9 @@ def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler:
     normalize(max(0, p_i - q_i)); if all n are accepted a bonus token is drawn from p_n.
     The output is then distributed exactly as the trunk's own samples. Greedy: p and q
     are one-hot, so d_i is accepted iff it equals the trunk's argmax, which follows it.
-    (`logprobs` come from an (n+1)-row pass: on Metal its rounding can differ from a
-    one-row pass's, so at a near-tie its argmax can differ from plain decoding's.)
+    (`logprobs` come from an (n+1)-row pass: in bf16 or fp16 on any backend, and on Metal in
+    any dtype, its rounding can differ from a one-row pass's, so at a near-tie its argmax can
+    differ from plain decoding's; in float32 on the CPU backend it does not.)
     Returns (number of drafts accepted, the token that follows them).
     """
     n = drafts.shape[0]
@@ -232,110 +288,3 @@ def draft_bytes_ratio(model) -> Tuple[float, float]:
     head = sum(w.nbytes for _, w in tree_flatten(block.shared_head.output.parameters()))
     body = sum(w.nbytes for _, w in tree_flatten(block.parameters())) - head
     return body / trunk, head / trunk
-
-
-class FixedDraft:
-    """Always draft `n` tokens."""
-
-    plain_check = 0  # never decodes plainly
-
-    def __init__(self, n: int):
-        self.n = self.max_depth = n
-
-    def choose(self) -> int:
-        return self.n
-
-    def update(self, n: int, n_accepted: int, seconds: float):
-        pass
-
-    def update_plain(self, tokens: int, seconds: float):
-        pass
-
-    def observe_prefill(self, tokens: int, seconds: float):
-        pass
-
-
-class AutoDraft:
-    """Pick the draft depth n (0 = plain decoding) that maximises expected tokens/second.
-
-    Tokens per step at depth n: E(n) = 1 + sum_{i<=n} prod_{j<=i} a_j, with a_j the
-    acceptance at depth j given depths < j were accepted, measured (prior 0.6, weight 2).
-    Seconds per step: c(1), the measured time per plain-decoding token, and for n >= 1
-    the measured EMA step time at that depth; until a depth has been measured it is
-    modelled as c(1) + n * c_batch + draft(n), with c_batch the marginal cost of a token
-    in a wider pass (from the prompt's prefill) and draft(n) = c(1) times the MTP weight
-    bytes that n drafts read over the trunk's per-token bytes. On a bandwidth-bound Mac
-    a wider pass costs little and drafting wins; where passes cost per token (a CPU),
-    drafting never pays and this stays with plain decoding: the pipelined plain loop,
-    with the trunk caches' rewind slack at 1 until the first draft, so it does exactly
-    the work of plain decoding; it reports every `plain_check` tokens (the first two
-    reports measure c(1): warm-up, then a clean figure) and is asked whether to go on.
-    """
-
-    plain_check = 16
-
-    def __init__(
-        self,
-        max_depth: int,
-        draft_bytes_ratio: Tuple[float, float] = (0.05, 0.05),
-        prior: float = 0.6,
-        prior_weight: float = 2.0,
-        ema: float = 0.3,
-    ):
-        self.K = self.max_depth = max_depth
-        self.body, self.head = draft_bytes_ratio  # MTP block body / head bytes over trunk bytes
-        self.prior, self.prior_weight, self.ema = prior, prior_weight, ema
-        self.tries = [0] * (max_depth + 1)  # index j: depth j drafted with 1..j-1 accepted
-        self.hits = [0] * (max_depth + 1)
-        self.step_time = [None] * (max_depth + 1)  # EMA seconds per step, by depth
-        self.seen = [0] * (max_depth + 1)
-        self.c1 = None  # seconds per plain token
-        self.prefill = None  # (tokens, seconds)
-        self.plain_reports = 0
-
-    def acceptance(self, j: int) -> float:
-        return (self.hits[j] + self.prior * self.prior_weight) / (self.tries[j] + self.prior_weight)
-
-    def expected_tokens(self, n: int) -> float:
-        total, p = 1.0, 1.0
-        for j in range(1, n + 1):
-            p *= self.acceptance(j)
-            total += p
-        return total
-
-    def cost(self, n: int) -> float:
-        if n == 0:
-            return self.c1
-        if self.step_time[n] is not None:
-            return self.step_time[n]
-        tokens, seconds = self.prefill or (1, self.c1)
-        batch = max(0.0, (seconds - self.c1) / (tokens - 1)) if tokens > 1 else 0.5 * self.c1
-        draft = self.c1 * ((2 * n - 1) * self.body + n * self.head)
-        return self.c1 + n * batch + draft
-
-    def choose(self) -> int:
-        if self.c1 is None or self.plain_reports < 2:
-            return 0  # measure plain decoding first (the first report includes warm-up)
-        rates = [self.expected_tokens(n) / self.cost(n) for n in range(self.K + 1)]
-        return max(range(self.K + 1), key=rates.__getitem__)
-
-    def observe_prefill(self, tokens: int, seconds: float):
-        self.prefill = (tokens, seconds)
-
-    def update_plain(self, tokens: int, seconds: float):
-        self.plain_reports += 1
-        t = seconds / tokens
-        if self.c1 is None or self.plain_reports == 2:
-            self.c1 = t
-        elif self.plain_reports > 2:
-            self.c1 = (1 - self.ema) * self.c1 + self.ema * t
-
-    def update(self, n: int, n_accepted: int, seconds: float):
-        for j in range(1, min(n, n_accepted + 1) + 1):
-            self.tries[j] += 1
-            self.hits[j] += j <= n_accepted
-        self.seen[n] += 1
-        if n == 0 or self.seen[n] == 1:
-            return  # the first step at a depth pays one-time compilation
-        t = self.step_time[n]
-        self.step_time[n] = seconds if t is None else (1 - self.ema) * t + self.ema * seconds

@@ -1,15 +1,17 @@
 """How often greedy drafting and plain greedy decoding part ways, and whether at near-ties.
 
-On the CPU backend they never do (tested). On Metal a verify pass over n+1 tokens runs
-kernels whose reduction order depends on the number of rows (split-k quantized matmuls,
-attention blocks), so where two tokens' logits are within rounding of each other the
-argmax can differ from a one-row pass: both continuations are correct greedy samples of the
-model, but the texts differ from there on. For each prompt this decodes plainly and with
+In float32 they agree (tested on the CPU backend). In bf16, and on Metal in any dtype, a
+verify pass over n+1 tokens rounds differently from a one-row pass (bf16 activations are
+rounded after each op of a different-shaped graph; Metal's split-k quantized matmuls and
+attention blocks change their reduction order with the number of rows), so where two
+tokens' logits are within rounding of each other the argmax can differ: both continuations
+are greedy outputs of the model within that rounding, but the texts differ from there on. For each prompt this decodes plainly and with
 drafting, both greedy, and reports the first position where they differ, with the gap
 between the two tokens' log-probabilities in the plain pass (a near-tie: ~1e-3 or less).
 
     python scripts/near_ties.py --model ~/models/Step-3.5-Flash-4bit --num-draft 3 --max-tokens 256
     python scripts/near_ties.py --prompts prompts.txt   # one prompt per line ('\\n' for newlines)
+    python scripts/near_ties.py --stdlib 36 --dtype float32   # the first 400 characters of 36 stdlib files
 
 Default: the bundled demo model and the code prompts of benchmarks/common.py.
 """
@@ -26,11 +28,23 @@ def first_divergence(model, prompt, max_tokens, num_draft):
     from mlx_step35.generation import generate_step
 
     plain = list(generate_step(model, prompt, max_tokens=max_tokens))
-    spec = generate_step(model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=num_draft)
+    spec = generate_step(
+        model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=num_draft, draft_min_confidence=0.0
+    )
     for i, ((a, lp, _), (b, _, _)) in enumerate(zip(plain, spec)):
         if a != b:
             return i, a, b, float(lp[a] - lp[b])
     return None, None, None, None
+
+
+def stdlib_prompts(n: int, chars: int = 400):
+    """The first `chars` characters of n top-level stdlib modules, evenly spaced in sorted order."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in root.glob("*.py") if f.stat().st_size > chars)
+    step = max(1, len(files) // n)
+    return [f.read_text(encoding="utf-8", errors="replace")[:chars] for f in files[::step][:n]]
 
 
 def main(argv=None):
@@ -42,7 +56,20 @@ def main(argv=None):
     p.add_argument("--num-draft", default="3", choices=["1", "2", "3", "auto"])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument(
+        "--stdlib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prompts: the first 400 characters of N of this Python's stdlib modules (what the demo was "
+        "trained on), evenly spaced in sorted order",
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="activation dtype"
+    )
     a = p.parse_args(argv)
+    if a.stdlib < 0 or a.max_tokens < 1:
+        p.error("--stdlib must be >= 0 and --max-tokens >= 1")
     with user_errors(p.prog):
         run(a)
 
@@ -55,13 +82,16 @@ def run(a):
 
     if a.prompts:
         texts = [t.replace("\\n", "\n") for t in Path(a.prompts).read_text().splitlines() if t.strip()]
+    elif a.stdlib:
+        texts = stdlib_prompts(a.stdlib)
     else:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from common import PROMPTS as texts
-    model, tokenizer = load(a.model, mtp=True)
+    model, tokenizer = load(a.model, mtp=True, dtype=a.dtype)
     num_draft = a.num_draft if a.num_draft == "auto" else int(a.num_draft)
     print(
-        f"device: {mx.default_device()}, {len(texts)} prompts, {a.max_tokens} tokens, num_draft {num_draft}"
+        f"device: {mx.default_device()}, dtype {a.dtype or 'as stored'}, {len(texts)} prompts, "
+        f"{a.max_tokens} tokens, num_draft {num_draft}"
     )
     diverged = 0
     for text in texts:

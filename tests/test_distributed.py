@@ -158,11 +158,15 @@ def test_greedy_identical_to_one_process(ranks, reference, ckpts, kind):
     """Plain, drafting k=1..3 and auto (each rank's policy choosing other depths) past the window."""
     res, _ = ranks
     ref = reference[kind]["greedy"]
-    assert set(ref) == ({"None", "1", "2", "3", "auto"} if kind == "f32" else {"None", "auto"})
+    assert set(ref) == ({"None", "1", "2", "3", "auto", "3-gated"} if kind == "f32" else {"None", "auto"})
     for rank in (0, 1):
         assert res[rank][_spec(ckpts, kind)]["greedy"] == ref
     assert len(ref["None"]) == tp_ranks.MAX_TOKENS
     assert all(toks == ref["None"] for toks in ref.values())  # drafting is lossless
+    if kind == "f32":  # the gate cut some chains, the same ones on every rank as in one process
+        gated, steps = reference[kind]["gated_steps"]
+        assert 0 < gated < steps
+        assert res[0][_spec(ckpts, kind)]["gated_steps"] == res[1][_spec(ckpts, kind)]["gated_steps"]
 
 
 def test_sampled_identical_on_both_ranks(ranks, reference, ckpts):

@@ -79,6 +79,23 @@ def test_greedy_drafting_identical_to_plain_generate(url, reference, prompt):
     assert body["timings"]["predicted_n"] == GEN
 
 
+def test_request_draft_min_confidence_reaches_the_drafter(url, reference):
+    """A request's confidence gate: at 0.9 the demo's unsure blocks stop nearly every chain
+    (output still plain decoding's); at 0 every step drafts."""
+    prompt = PROMPTS[0]
+    runs = {}
+    for gate in (0.0, 0.9):
+        body = {"prompt": prompt, "max_tokens": GEN, "num_draft": 3, "draft_min_confidence": gate}
+        r = post(url, "/v1/completions", dict(body, return_token_ids=True))
+        assert r.status_code == 200, r.text
+        runs[gate] = r.json()
+    steps = [runs[g]["timings"]["mtp"]["verify_steps"] for g in (0.0, 0.9)]
+    drafted = [sum(runs[g]["timings"]["mtp"]["drafted"]) for g in (0.0, 0.9)]
+    assert drafted[0] >= 3 * (steps[0] - 2)  # (the last steps draft fewer, to stop at max_tokens)
+    assert drafted[1] < steps[1] / 2
+    assert runs[0.9]["choices"][0]["token_ids"] == reference[prompt]["ids"]
+
+
 def test_stream_concatenates_to_non_streamed(url, reference):
     prompt = PROMPTS[2]
     body = {"prompt": prompt, "max_tokens": GEN, "stream": True, "stream_options": {"include_usage": True}}
@@ -203,6 +220,7 @@ BAD = [
     ({"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "num_draft": 7}, 400, "num_draft"),
+    ({"prompt": "x", "draft_min_confidence": 1.5}, 400, "draft_min_confidence"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "top_k": 10**6}, 400, "top_k"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
@@ -354,7 +372,8 @@ def test_metrics_exposition(url):
     accepted = [
         float(v) for v in re.findall(r'^mlx_step35_mtp_accepted_total\{depth="\d"\} (\S+)$', text, re.M)
     ]
-    assert len(drafted) == 2 and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0
+    # the server drafts 2 deep; depth 3 when a request asked for num_draft 3 (a test above does)
+    assert len(drafted) in (2, 3) and all(0 <= a <= d for a, d in zip(accepted, drafted)) and drafted[0] > 0
 
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)

@@ -49,7 +49,10 @@ def test_greedy_identical_to_plain(which, num_draft, request):
     model = request.getfixturevalue(which)
     plain = tokens_of(model, PROMPT, max_tokens=GEN)
     stats = SpecStats()
-    spec = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    ungated = dict(draft_min_confidence=0.0)  # every step drafts num_draft (test_draft_gate: gated)
+    spec = tokens_of(
+        model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats, **ungated
+    )
     assert spec == plain
     if num_draft != "auto":  # (auto drafts only where it pays: see the tests below)
         assert len(stats.drafted) == num_draft
@@ -70,7 +73,15 @@ def test_greedy_quantized_identical_to_plain(tiny_ckpt):
 def test_perfect_drafts_all_accepted(perfect_model, num_draft):
     model, _ = perfect_model
     stats = SpecStats()
-    out = tokens_of(model, PROMPT, max_tokens=GEN, draft_mtp=True, num_draft=num_draft, stats=stats)
+    out = tokens_of(
+        model,
+        PROMPT,
+        max_tokens=GEN,
+        draft_mtp=True,
+        num_draft=num_draft,
+        stats=stats,
+        draft_min_confidence=0.0,
+    )
     V = model.args.vocab_size
     assert out == [(PROMPT[-1] + 1 + i) % V for i in range(GEN)]  # the successor chain
     assert stats.accepted == stats.drafted and stats.drafted[0] > 0
@@ -81,7 +92,7 @@ def test_perfect_drafts_all_accepted(perfect_model, num_draft):
 def test_auto_switching_depths_and_plain_runs_is_lossless(which, request, monkeypatch):
     """Depth changes every step, with stretches of plain decoding in between (after which
     the MTP caches catch up over many rows): still identical to plain decoding."""
-    from mlx_step35.speculative import AutoDraft
+    from mlx_step35.draft_policy import AutoDraft
 
     model = request.getfixturevalue(which)
     script = iter([0, 3, 1, 0, 2, 3, 1, 1, 0, 3, 2] * 20)
@@ -96,7 +107,7 @@ def test_auto_switching_depths_and_plain_runs_is_lossless(which, request, monkey
 def test_auto_drafts_when_wider_passes_are_cheap(mixed_model, monkeypatch):
     """With a bandwidth-bound cost model (a verify pass costs about one plain step, as on
     a Mac) auto drafts deep; with per-token costs (as on this CPU) it decodes plainly."""
-    from mlx_step35.speculative import AutoDraft
+    from mlx_step35.draft_policy import AutoDraft
 
     base = AutoDraft(3, (0.05, 0.05))
     base.c1, base.plain_reports, base.prefill = 0.01, 2, (100, 0.02)  # prefill: 0.1 ms per extra token
@@ -116,7 +127,7 @@ def test_auto_without_drafts_does_the_work_of_plain_decoding(mixed_model, monkey
     (so one query needs no mask), consulting the policy every 16 tokens."""
     from mlx_step35 import generation
     from mlx_step35.cache import SlidingKVCache
-    from mlx_step35.speculative import AutoDraft
+    from mlx_step35.draft_policy import AutoDraft
 
     monkeypatch.setattr(AutoDraft, "cost", lambda self, n: 0.01 * (1 + n))
     runs, caches, choices = [], [], []
@@ -168,10 +179,10 @@ def drafts_vs_teacher_forced(model, monkeypatch, **kw):
     calls = []
     original = MTPDrafter.draft
 
-    def spy(self, seq, n, sampler, processors=None):
-        drafts, dists = original(self, seq, n, sampler, processors)
+    def spy(self, seq, n, sampler, processors=None, min_confidence=0.0):
+        drafts, dists, confs = original(self, seq, n, sampler, processors, min_confidence)
         calls.append((list(seq), drafts.tolist()))
-        return drafts, dists
+        return drafts, dists, confs
 
     monkeypatch.setattr(MTPDrafter, "draft", spy)
     out = tokens_of(model, PROMPT, draft_mtp=True, **kw)
@@ -195,7 +206,7 @@ def test_drafts_match_teacher_forced_mtp(which, request, monkeypatch):
 def test_drafts_exact_after_long_plain_stretches(which, request, monkeypatch):
     """Auto decoding plainly for long stretches lets the MTP blocks skip ahead (only the
     last K * (window - 1) positions can reach a draft): drafts stay teacher-forced exact."""
-    from mlx_step35.speculative import AutoDraft
+    from mlx_step35.draft_policy import AutoDraft
 
     # one plain token per choice, so that drafts come right after a skip (the tight case)
     script = iter(([3] + [0] * 25 + [2] + [0] * 44 + [3] + [0] * 47 + [3, 1] + [0] * 60) * 3)
@@ -330,11 +341,18 @@ def test_cli_end_to_end(tiny_ckpt):
         "12",
         "--prompt",
         "hello",
+        "--draft-min-confidence",
+        "0",
     ]
     r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
-    for bad in (["--num-draft", "0"], ["--num-draft", "4"], ["--model", str(tiny_ckpt) + "-missing"]):
+    for bad in (
+        ["--num-draft", "0"],
+        ["--num-draft", "4"],
+        ["--model", str(tiny_ckpt) + "-missing"],
+        ["--draft-min-confidence", "1"],
+    ):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -368,7 +386,7 @@ def test_skip_ahead_is_exact_at_its_horizon(random_model, monkeypatch):
     seen = []
     original = SharedHead.__call__
     monkeypatch.setattr(SharedHead, "__call__", lambda self, h: seen.append(original(self, h)) or seen[-1])
-    drafts, _ = drafter.draft(seq, 3, make_sampler())
+    drafts, _, _ = drafter.draft(seq, 3, make_sampler())
     mtp = model.mtp_logits(mx.array([seq + drafts.tolist()[:-1]]))
     for k in range(3):
         ref = mtp[k][0, P - 1]

@@ -20,10 +20,11 @@ from mlx.utils import tree_flatten
 
 from mlx_step35 import load, make_sampler, stream_generate
 from mlx_step35.distributed import PeerLost, exit_when_terminated, peer_errors, world
+from mlx_step35.draft_policy import AutoDraft
 from mlx_step35.follow import follow, request_kwargs
 from mlx_step35.generation import generate_step
 from mlx_step35.lockstep import share_request
-from mlx_step35.speculative import AutoDraft
+from mlx_step35.speculative import SpecStats
 
 PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 500, size=12)]
 MAX_TOKENS = 16  # with the 12-token prompt, past three of the tests' sliding windows of 8
@@ -48,7 +49,10 @@ def scattered_auto(rank: int):
     return choose
 
 
-def tokens(model, num_draft, sampler=None, seed=None):
+GATE = 0.25  # a confidence gate that stops some of the f32 checkpoint's chains, not all
+
+
+def tokens(model, num_draft, sampler=None, seed=None, gate=0.0, stats=None):
     if seed is not None:
         mx.random.seed(seed)
     gen = generate_step(
@@ -58,6 +62,8 @@ def tokens(model, num_draft, sampler=None, seed=None):
         sampler=sampler,
         draft_mtp=num_draft is not None,
         num_draft=num_draft or "auto",
+        draft_min_confidence=gate,
+        stats=stats,
     )
     return [t for t, _, _ in gen]
 
@@ -86,8 +92,12 @@ def results(path, group=None, full=True, **load_args) -> dict:
     finally:
         AutoDraft.choose = orig
     if full:
+        stats = SpecStats()  # gated: rank 0's verdicts, so every rank cuts the same chains
+        out["greedy"]["3-gated"] = tokens(model, 3, gate=GATE, stats=stats)
+        out["gated_steps"] = [stats.gated, stats.verify_steps]
         sampler = make_sampler(temp=1.0, top_p=0.95)
         out["sampled"] = {str(n): tokens(model, n, sampler, seed=11) for n in (None, 2)}
+        out["sampled"]["2-gated"] = tokens(model, 2, sampler, seed=11, gate=GATE)
     return out
 
 

@@ -12,7 +12,7 @@ from ..cli import ArgumentParser, user_errors
 from ..distributed import exit_when_terminated, peer_errors, world
 from ..expert_cache import add_expert_cache_arguments
 from ..follow import follow
-from ..generation import MAX_DRAFT, NUM_DRAFT
+from ..generation import GATE_DEFAULT, MAX_DRAFT, NUM_DRAFT, parse_min_confidence
 from ..prompt_cache import PromptCacheStore, default_store_gb
 from ..sampling import Sampler
 from .app import Settings, create_app
@@ -79,6 +79,14 @@ def parser() -> ArgumentParser:
         "--prompt-cache-gb, oldest files first)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    p.add_argument(
+        "--draft-min-confidence",
+        default=d.draft_min_confidence,
+        metavar="P",
+        help="stop a step's draft chain before the first MTP block whose confidence is below P, in "
+        f"[0, 1); 0 = never; auto (default): learnt with the depth under --num-draft auto, {GATE_DEFAULT} "
+        "at a fixed depth; a request's draft_min_confidence overrides it. Output is unchanged",
+    )
     return p
 
 
@@ -95,6 +103,10 @@ def main(argv=None):
     ):
         if value < low:
             p.error(f"{flag} must be at least {low}")
+    try:
+        a.draft_min_confidence = parse_min_confidence(a.draft_min_confidence)
+    except ValueError as e:
+        p.error(str(e))
     if a.top_k < 0 or a.temp < 0 or not 0 <= a.top_p <= 1 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 <= --top-p <= 1, 0 <= --min-p <= 1 and --top-k >= 0")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -142,6 +154,7 @@ def main(argv=None):
         min_p=a.min_p,
         draft_mtp=a.draft_mtp,
         num_draft=a.num_draft if a.num_draft == "auto" else int(a.num_draft),
+        draft_min_confidence=a.draft_min_confidence,
     )
     serve(
         model,

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .chat import Turn, render, start_chat
 from .context import Context, keep_alive, run_job
 from .engine import Failed, Finished, Piece
-from .schemas import ChatRequest, RequestError, refuse_unsupported
+from .schemas import ChatRequest, MinConfidence, RequestError, refuse_unsupported
 
 PREFIX = "/v1/messages"
 PING_S = 5.0  # an `event: ping` this often while the prompt is prefilled
@@ -105,6 +105,7 @@ class MessagesRequest(CountTokensRequest):
     top_k: Optional[int] = Field(None, ge=0)
     metadata: Optional[Dict[str, Any]] = None
     num_draft: Optional[Union[int, Literal["auto"]]] = None  # ours: 0 decodes plainly
+    draft_min_confidence: MinConfidence = None  # ours: the MTP confidence gate
 
 
 def _field(block: dict, key: str, where: str, kind=str):
@@ -291,6 +292,7 @@ def chat_request(req: CountTokensRequest) -> ChatRequest:
             top_p=req.top_p,
             top_k=req.top_k,
             num_draft=req.num_draft,
+            draft_min_confidence=req.draft_min_confidence,
         )
     try:
         return ChatRequest(**fields)

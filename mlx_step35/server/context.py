@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple, Union
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..generation import MAX_TOKENS, NUM_DRAFT
+from ..generation import DRAFT_MIN_CONFIDENCE, MAX_TOKENS, NUM_DRAFT
 from ..sampling import Sampler, make_logits_processors, make_sampler
 from .engine import Engine, Failed, GenRequest, QueueFull
 from .responses import error_body
@@ -31,6 +31,7 @@ class Settings:
     min_p: float = Sampler.min_p
     draft_mtp: bool = True
     num_draft: Union[int, str] = NUM_DRAFT
+    draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE
 
 
 
@@ -112,6 +113,7 @@ class Context:
             seed=req.seed,
             stop=stop_list(req.stop),
             top_logprobs=top_logprobs,
+            draft_min_confidence=pick(req.draft_min_confidence, s.draft_min_confidence),
         )
 
     def submit(self, gen: GenRequest) -> "Job":  # noqa: F821

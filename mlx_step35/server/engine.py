@@ -36,6 +36,7 @@ class GenRequest:
     top_logprobs: Optional[int] = None  # None: no logprobs; 0: the chosen token's only
     checkpoints: List[int] = field(default_factory=list)  # prompt positions the prompt cache snapshots
     penalties: dict = field(default_factory=dict)  # repetition/presence/frequency_penalty given
+    draft_min_confidence: Union[float, str] = "auto"
 
     def shared(self) -> dict:
         """The request as `follow.request_kwargs` takes it (tensor-parallel ranks)."""
@@ -49,6 +50,7 @@ class GenRequest:
             stop_strings=list(self.stop),
             seed=self.seed,
             **self.penalties,
+            draft_min_confidence=self.draft_min_confidence,
         )
 
 
@@ -256,6 +258,7 @@ class Engine:
             num_draft=request.num_draft,
             prompt_cache=pc,
             checkpoints=request.checkpoints,
+            draft_min_confidence=request.draft_min_confidence,
         )
         return gen if pc is None else self._returning(gen, pc)
 

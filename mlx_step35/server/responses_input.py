@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schemas import ChatRequest, RequestError
+from .schemas import ChatRequest, MinConfidence, RequestError
 
 log = logging.getLogger("mlx_step35.server")
 STORED_RESPONSES = 64
@@ -74,6 +74,7 @@ class ResponsesRequest(BaseModel):
     top_logprobs: Optional[int] = None
     max_tool_calls: Optional[int] = None
     num_draft: Optional[Union[int, Literal["auto"]]] = None  # ours: 0 decodes plainly
+    draft_min_confidence: MinConfidence = None  # ours: the MTP confidence gate
     # accepted, changing nothing about the output
     store: Optional[bool] = None
     prompt_cache_key: Optional[str] = None
@@ -359,6 +360,7 @@ def to_chat(req: ResponsesRequest, items: List[dict]) -> Tuple[ChatRequest, Dict
         top_p=req.top_p,
         reasoning_effort=req.reasoning.effort if req.reasoning else None,
         num_draft=req.num_draft,
+        draft_min_confidence=req.draft_min_confidence,
         prompt_cache_key=req.prompt_cache_key,
     )
     return chat, names

@@ -4,7 +4,7 @@ Unknown fields are refused (400 naming them), except a few that change nothing a
 output (`user`, `store`, `metadata`, ...). Fields whose non-default values we cannot honour
 (`n` > 1, `response_format` with a schema, `logit_bias`, ...) are refused with the reason."""
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,10 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.status = status
+
+
+# a request's draft_min_confidence (every protocol): the gate's threshold, or "auto"
+MinConfidence = Optional[Union[Annotated[float, Field(ge=0, lt=1)], Literal["auto"]]]
 
 
 class StreamOptions(BaseModel):
@@ -45,6 +49,7 @@ class _Common(BaseModel):
     num_draft: Optional[Union[int, Literal["auto"]]] = None  # ours: 0 decodes plainly
     return_token_ids: bool = False  # vLLM's extension: prompt and completion token ids
     logit_bias: Optional[Dict[str, float]] = None
+    draft_min_confidence: MinConfidence = None  # ours: the MTP confidence gate
     # accepted, changing nothing about the output
     user: Optional[str] = None
     store: Optional[bool] = None
