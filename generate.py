@@ -4,7 +4,7 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.cli import ArgumentParser, add_kv_arguments, kv_arguments, user_errors
 from mlx_step35.expert_cache import add_expert_cache_arguments
 from mlx_step35.generation import MAX_TOKENS, NUM_DRAFT, PREFILL_STEP
 from mlx_step35.sampling import Sampler
@@ -122,6 +122,7 @@ def main(argv=None):
         help="also print the prompt, per-step details and the memory pre-flight "
         "(printed anyway when the model does not fit as configured)",
     )
+    add_kv_arguments(p)
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -153,6 +154,9 @@ def check_memory(a, text: str, group=None) -> int:
         draft=a.draft_mtp,
         expert_cache_gb=a.expert_cache_gb,
         group=group,
+        kv_bits=a.kv_bits,
+        kv_group_size=a.kv_group_size,
+        quantized_kv_start=a.quantized_kv_start,
     )
     if a.verbose or not report.ok:
         print(report.text(), file=sys.stderr)
@@ -200,7 +204,7 @@ def generate(a, group):
         pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
         messages = json.loads(meta.get("messages", "[]"))
     elif a.save_prompt_cache:
-        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp)
+        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp, **kv_arguments(a))
     templated = not a.ignore_chat_template and tokenizer.has_chat_template
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=templated, history=messages)
     branch = None  # where the next turn's re-rendered prompt leaves this one: after the user message
@@ -227,6 +231,7 @@ def generate(a, group):
         prefill_step_size=a.prefill_step_size,
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
+        **kv_arguments(a),
     ):
         show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
         reply += last.text

@@ -329,12 +329,16 @@ def attention(queries: mx.array, keys, values, scale: float, mask=None, quant: O
     outs = []
     if low:
         causal = "causal" if low > 1 else None  # the low queries end exactly at position fp - 1
-        outs.append(mx.fast.scaled_dot_product_attention(queries[:, :, :low], fk, fv, scale=scale, mask=causal))
+        outs.append(
+            mx.fast.scaled_dot_product_attention(queries[:, :, :low], fk, fv, scale=scale, mask=causal)
+        )
     if low < L:
         q = queries[:, :, low:] if low else queries
         causal = "causal" if L - low > 1 else None
         if fk is None:
-            out = quantized_scaled_dot_product_attention(q, qk, qv, scale, causal, quant.group_size, quant.bits)
+            out = quantized_scaled_dot_product_attention(
+                q, qk, qv, scale, causal, quant.group_size, quant.bits
+            )
         else:
             out = _mixed_attention(q, fk, fv, qk, qv, scale, causal, quant)
         outs.append(out)

@@ -319,14 +319,16 @@ def share_request(model, request: Optional[dict] = None) -> Optional[dict]:
 def request_kwargs(request: dict) -> dict:
     """stream_generate keyword arguments (prompt as token ids included) for a shared request:
     {"prompt": [ids], "max_tokens", "sampler": make_sampler kwargs, "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed"};
-    every rank builds the same call."""
+    "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed",
+    "kv_bits", "kv_group_size", "quantized_kv_start"}; every rank builds the same call (each
+    rank's caches hold its own KV heads, quantized alike)."""
     from .sampling import make_logits_processors, make_sampler
 
     if request.get("seed") is not None:
         mx.random.seed(request["seed"])
     penalties = {k: request.get(k) for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
     kwargs = {k: request[k] for k in ("prompt", "max_tokens", "draft_mtp", "num_draft") if k in request}
+    kwargs.update({k: request[k] for k in ("kv_bits", "kv_group_size", "quantized_kv_start") if k in request})
     kwargs["stop_strings"] = tuple(request.get("stop_strings") or ())
     kwargs["sampler"] = make_sampler(**(request.get("sampler") or {}))
     kwargs["logits_processors"] = make_logits_processors(**penalties) if any(penalties.values()) else None

@@ -207,7 +207,9 @@ def make_prompt_cache(
     the drafter's state, so any later generation on it may draft; without, none may.
     `kv_bits` etc.: its full-attention KV format (see `generate_step`); every generation on
     it must pass the same."""
-    return _new_prompt_cache(model, draft_mtp, prefill_step_size, kv_quant(kv_bits, kv_group_size, quantized_kv_start))
+    return _new_prompt_cache(
+        model, draft_mtp, prefill_step_size, kv_quant(kv_bits, kv_group_size, quantized_kv_start)
+    )
 
 
 def _new_prompt_cache(model, draft_mtp: bool, prefill_step_size: int, kv: Optional[KVQuant]) -> PromptCache:
@@ -270,11 +272,14 @@ def _get_cache(arrays: dict, meta: dict, prefix: str, like):
     c.offset = m["offset"]
     if k is not None or c.fp_len:
         if k is None or k.shape[2] != c.fp_len:
-            raise PromptCacheError(f"{prefix}: {0 if k is None else k.shape[2]} 16-bit entries, expected {c.fp_len}")
+            raise PromptCacheError(
+                f"{prefix}: {0 if k is None else k.shape[2]} 16-bit entries, expected {c.fp_len}"
+            )
         c.keys, c.values = k, v
     if c.q_len:
         c.qkeys, c.qvalues = (
-            tuple(arrays[f"{prefix}.{name}.{part}"] for part in QUANTIZED_PARTS) for name in ("qkeys", "qvalues")
+            tuple(arrays[f"{prefix}.{name}.{part}"] for part in QUANTIZED_PARTS)
+            for name in ("qkeys", "qvalues")
         )
         if any(a.shape[2] != c.q_len for a in c.qkeys + c.qvalues):
             raise PromptCacheError(f"{prefix}: quantized entries are not {c.q_len}")
@@ -395,7 +400,9 @@ class PromptCacheStore:
             for stale in self.dir.glob(".*.tmp.safetensors"):  # left by a crash mid-write
                 stale.unlink(missing_ok=True)
         self.kv = kv_quant(kv_bits, kv_group_size, quantized_kv_start)  # the KV format of every cache
-        self._fingerprint = fingerprint(model, self.kv) if self.dir else None  # files of another format: skipped
+        self._fingerprint = (
+            fingerprint(model, self.kv) if self.dir else None
+        )  # files of another format: skipped
 
     def acquire(self, tokens: Sequence[int]) -> Tuple[PromptCache, List[int]]:
         best, best_n = None, 0
