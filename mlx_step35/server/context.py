@@ -33,8 +33,11 @@ class Settings:
     num_draft: Union[int, str] = NUM_DRAFT
 
 
+
+
 def error(status: int, message: str, param=None, kind="invalid_request_error", code=None, headers=None):
     return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
 
 
 class Context:
@@ -151,3 +154,5 @@ async def run_job(ctx: Context, job, request: Request, stream_fn, collect_fn, tr
 
 def failed_response(ev: Failed):
     return error(500, ev.message, kind="server_error")
+
+
