@@ -333,7 +333,7 @@ def attention(queries: mx.array, keys, values, scale: float, mask=None, quant: O
             mx.fast.scaled_dot_product_attention(queries[:, :, :low], fk, fv, scale=scale, mask=causal)
         )
     if low < L:
-        q = queries[:, :, low:] if low else queries
+        q = queries[:, :, low:]  # a new array: mlx-lm's function scales its queries in place
         causal = "causal" if L - low > 1 else None
         if fk is None:
             out = quantized_scaled_dot_product_attention(
