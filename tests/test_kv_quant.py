@@ -368,3 +368,23 @@ def test_cli_flags(ckpt):
     for bad in (["--kv-bits", "7", "--quantized-kv-start", "-3"],):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr and bad[0] in r.stderr, r.stderr
+
+
+def test_tensor_parallel_requests_carry_the_kv_format():
+    """Rank 0 shares each request with the KV settings (the server's Engine adds them); every
+    rank builds the same generate_step call, and its caches then hold its own KV heads,
+    quantized alike (mx.quantize groups run along head_dim, so a head never straddles ranks)."""
+    from mlx_step35.distributed import request_kwargs
+
+    shared = {"prompt": [1, 2], "max_tokens": 3, "kv_bits": 4, "kv_group_size": 64, "quantized_kv_start": 0}
+    kw = request_kwargs(shared)
+    assert (kw["kv_bits"], kw["kv_group_size"], kw["quantized_kv_start"]) == (4, 64, 0)
+    assert "kv_bits" not in request_kwargs({"prompt": [1], "max_tokens": 1})
+
+
+def test_server_flags():
+    from mlx_step35.cli import kv_arguments
+    from mlx_step35.server import parser
+
+    a = parser().parse_args(["--kv-bits", "8", "--quantized-kv-start", "100"])
+    assert kv_arguments(a) == dict(kv_bits=8, kv_group_size=64, quantized_kv_start=100)
