@@ -4,7 +4,7 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from mlx_step35.cli import ArgumentParser, user_errors
+from mlx_step35.cli import ArgumentParser, add_kv_arguments, kv_arguments, user_errors
 from mlx_step35.expert_cache import add_expert_cache_arguments
 from mlx_step35.generation import (
     DRAFT_MIN_CONFIDENCE,
@@ -138,6 +138,7 @@ def main(argv=None):
         "distribution's top probability) is below P, in [0, 1); 0 = never; auto (default): learnt "
         f"with the depth under --num-draft auto, {GATE_DEFAULT} at a fixed depth. Output is unchanged",
     )
+    add_kv_arguments(p)
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -173,6 +174,9 @@ def check_memory(a, text: str, group=None) -> int:
         draft=a.draft_mtp,
         expert_cache_gb=a.expert_cache_gb,
         group=group,
+        kv_bits=a.kv_bits,
+        kv_group_size=a.kv_group_size,
+        quantized_kv_start=a.quantized_kv_start,
     )
     if a.verbose or not report.ok:
         print(report.text(), file=sys.stderr)
@@ -220,7 +224,7 @@ def generate(a, group):
         pc, meta = load_prompt_cache(a.prompt_cache_file, model, return_metadata=True)
         messages = json.loads(meta.get("messages", "[]"))
     elif a.save_prompt_cache:
-        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp)
+        pc = make_prompt_cache(model, draft_mtp=a.draft_mtp, **kv_arguments(a))
     templated = not a.ignore_chat_template and tokenizer.has_chat_template
     prompt = build_prompt(tokenizer, text, system=a.system, chat_template=templated, history=messages)
     branch = None  # where the next turn's re-rendered prompt leaves this one: after the user message
@@ -248,6 +252,7 @@ def generate(a, group):
         prompt_cache=pc,
         checkpoints=[branch] if branch else (),
         draft_min_confidence=a.draft_min_confidence,
+        **kv_arguments(a),
     ):
         show(last.text, end="", flush=True)  # rank 0 prints, the others follow in lockstep
         reply += last.text

@@ -9,6 +9,11 @@ blocks 2..n again (draft pass) and heads 1..n. Projected tokens/s = efficiency x
 (M4 Max, Q4_K_S, no MTP). These are projections, not measurements.
 
     python benchmarks/bandwidth.py [--acceptance 0.9,0.8,0.7] [--context 4096]
+    python benchmarks/bandwidth.py --kv-table   # 32K and 128K, 16/8/4-bit KV, depths 0-3
+
+With --kv-bits, full-attention KV positions from --quantized-kv-start on are read at
+mx.quantize's size (bits per value plus a 16-bit scale and bias per group), as
+generate_step(kv_bits=...) stores them; the sliding windows stay 16-bit.
 """
 
 import argparse
@@ -21,6 +26,7 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(ROOT / "scripts"))
 from model_size import lazy_model  # noqa: E402
 
+from mlx_step35.cache import KV_GROUP_SIZE, QUANTIZED_KV_START, KVQuant  # noqa: E402
 from mlx_step35.weights import QuantRecipe  # noqa: E402
 
 MACS = {"M3 Max (400 GB/s)": 400e9, "M4 Max (546 GB/s)": 546e9, "M3 Ultra (819 GB/s)": 819e9}
@@ -62,15 +68,21 @@ def distinct_independent(E, k, m):
     return E * (1 - (1 - k / E) ** m)
 
 
-def kv_bytes(c, context):
-    return c["kv_full_per_token"] * context + c["kv_sliding"] * min(1.0, context / 512)
+def kv_bytes(c, context, kv=None):
+    """KV bytes one pass reads at `context`: full-attention layers (with a KVQuant `kv`: 16-bit
+    before kv.start, quantized after) and the sliding windows (16-bit)."""
+    full = c["kv_full_per_token"] * context
+    if kv is not None:
+        fp = min(context, kv.start)
+        full = c["kv_full_per_token"] * (fp + (context - fp) * kv.bytes_per_value() / 2)
+    return full + c["kv_sliding"] * min(1.0, context / 512)
 
 
-def pass_bytes(c, overlap, m, corr, context=0):
+def pass_bytes(c, overlap, m, corr, context=0, kv=None):
     """Bytes one trunk pass over m tokens reads: dense weights once, the union of the experts
-    its tokens route to (independent routing, or scaled by the demo's measured overlap)."""
+    its tokens route to (independent routing, or scaled by the demo's measured overlap), the KV."""
     extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
-    return c["dense"] + c["lm_head"] + kv_bytes(c, context) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+    return c["dense"] + c["lm_head"] + kv_bytes(c, context, kv) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
 
 
 def draft_bytes(c, blocks):
@@ -130,15 +142,26 @@ def main():
         help="conditional acceptance at depths 1,2,3 (default: assumed 0.9,0.8,0.7)",
     )
     ap.add_argument("--context", type=int, default=0, help="tokens of context already in the KV cache")
+    ap.add_argument("--kv-bits", type=int, default=None, help="quantized full-attention KV (default 16-bit)")
+    ap.add_argument("--kv-group-size", type=int, default=KV_GROUP_SIZE)
+    ap.add_argument("--quantized-kv-start", type=int, default=QUANTIZED_KV_START)
+    ap.add_argument(
+        "--kv-table",
+        action="store_true",
+        help="bytes and tokens/s per token at 32K and 128K of context, 16/8/4-bit KV, depths 0-3",
+    )
     a = ap.parse_args()
+    kvq = None if a.kv_bits is None else KVQuant(a.kv_bits, a.kv_group_size, a.quantized_kv_start)
     acc = [float(x) for x in a.acceptance.split(",")]
     c = components()
     overlap, dE, dk = demo_overlap()
 
-    def verify_bytes(m, corr, context=a.context):
-        return pass_bytes(c, overlap, m, corr, context)
+    def verify_bytes(m, corr, context=a.context, kv=kvq):
+        return pass_bytes(c, overlap, m, corr, context, kv)
 
     G = 1e9
+    if a.kv_table:
+        return kv_table(c, acc, verify_bytes, lambda n: draft_bytes(c, n), a.kv_group_size, a.quantized_kv_start)
     print(
         f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
         f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "
@@ -172,6 +195,56 @@ def main():
         ti, tc = (vi + draft_bytes(c, n)) / E_n, (vc + draft_bytes(c, n)) / E_n
         speeds = " | ".join(f"{eff * bw / ti:.0f}-{eff * bw / tc:.0f} tok/s" for bw in MACS.values())
         print(f"| {n} | {E_n:.2f} | {vi / G:.2f} / {vc / G:.2f} | {ti / G:.2f} / {tc / G:.2f} | {speeds} |")
+
+
+def tokens_per_step(acc, n):
+    total, p = 1.0, 1.0
+    for j in range(n):
+        p *= acc[j]
+        total += p
+    return total
+
+
+def kv_table(c, acc, verify_bytes, draft_bytes, group, start):
+    """Bytes read per generated token (independent / correlated routing) and projected tok/s on
+    an M4 Max, at 32K and 128K tokens of context, 16/8/4-bit full-attention KV, depths 0-3."""
+    G = 1e9
+    eff = LLAMA_CPP_M4_MAX * verify_bytes(1, False, 0, None) / MACS["M4 Max (546 GB/s)"]
+    print(
+        f"Projection (not a measurement): real model, 4-bit weights, acceptance {acc}, KV quantized "
+        f"from position {start} (group {group}); M4 Max 546 GB/s at {eff:.0%} efficiency (llama.cpp-calibrated)\n"
+    )
+    print("| context | KV | depth | GB read per token (indep. / corr.) | M4 Max tok/s (indep. / corr.) |")
+    print("|---|---|---|---|---|")
+    per_token = {}
+    for context in (32768, 131072):
+        for bits in (None, 8, 4):
+            kv = None if bits is None else KVQuant(bits, group, start)
+            for n in range(4):
+                E_n = tokens_per_step(acc, n)
+                ti = (verify_bytes(n + 1, False, context, kv) + draft_bytes(n)) / E_n
+                tc = (verify_bytes(n + 1, True, context, kv) + draft_bytes(n)) / E_n
+                per_token[context, bits, n] = (ti, tc)
+                bw = eff * MACS["M4 Max (546 GB/s)"]
+                print(
+                    f"| {context // 1024}K | {bits or 16}-bit | {n} | {ti / G:.2f} / {tc / G:.2f} | "
+                    f"{bw / ti:.0f} / {bw / tc:.0f} |"
+                )
+    base = per_token[32768, None, 0]
+    goal = per_token[32768, 8, 2]
+    ratios = [b / g for b, g in zip(base, goal)]
+    print(
+        f"\nGoal check at 32K: plain 16-bit decoding reads {base[0] / G:.2f} GB per token; 8-bit KV with "
+        f"depth-2 drafting {goal[0] / G:.2f} / {goal[1] / G:.2f} GB: {ratios[0]:.2f}x / {ratios[1]:.2f}x fewer "
+        f"bytes (indep. / corr. routing); the goal (>= 1.6x) "
+        + (
+            "holds"
+            if min(ratios) >= 1.6
+            else "holds with correlated routing only"
+            if max(ratios) >= 1.6
+            else "does not hold"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ def request_kwargs(request: dict) -> dict:
     """stream_generate keyword arguments (prompt as token ids included) for a shared request:
     {"prompt": [ids], "max_tokens", "sampler": make_sampler kwargs, "repetition_penalty",
     "presence_penalty", "frequency_penalty", "draft_mtp", "num_draft", "stop_strings", "seed",
-    "draft_min_confidence"}; every rank builds the same call."""
+    "draft_min_confidence", "kv_bits", "kv_group_size", "quantized_kv_start"}; every rank builds
+    the same call (each rank's caches hold its own KV heads, quantized alike)."""
     if request.get("seed") is not None:
         mx.random.seed(request["seed"])
     penalties = {k: request.get(k) for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
     keys = ("prompt", "max_tokens", "draft_mtp", "num_draft", "draft_min_confidence")
+    keys += ("kv_bits", "kv_group_size", "quantized_kv_start")
     kwargs = {k: request[k] for k in keys if k in request}
     kwargs["stop_strings"] = tuple(request.get("stop_strings") or ())
     kwargs["sampler"] = make_sampler(**(request.get("sampler") or {}))

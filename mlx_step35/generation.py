@@ -9,7 +9,7 @@ from typing import Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from .cache import grow_slack, rewind
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, grow_slack, kv_name, kv_of, kv_quant, rewind
 from .draft_policy import BUCKETS, AutoDraft, FixedDraft
 from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
@@ -78,6 +78,9 @@ def generate_step(
     prompt_cache: Optional[PromptCache] = None,
     checkpoints: Sequence[int] = (),
     draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
 
@@ -100,7 +103,14 @@ def generate_step(
     conversation it holds; only the tokens not cached yet run, and the cache is updated in
     place. `checkpoints` are positions (in the whole conversation) where the prefill
     snapshots the sliding state, so a later prompt that branches there reuses the prefix.
+
+    With `kv_bits` (mlx-lm's names and defaults), the full-attention caches store the
+    positions from `quantized_kv_start` on quantized (`kv_bits` per value, groups of
+    `kv_group_size`); the sliding windows stay 16-bit. Unlike mlx-lm, the first
+    `quantized_kv_start` positions stay 16-bit for good, so rewinds and prompt-cache
+    branches stay exact; drafting is lossless against this quantized trunk.
     """
+    kv = kv_quant(kv_bits, kv_group_size, quantized_kv_start)
     sampler = as_sampler(sampler)
     stats = stats if stats is not None else SpecStats()
     _release_at_thread_end()
@@ -130,14 +140,20 @@ def generate_step(
     slack0 = 1 if isinstance(policy, AutoDraft) else slack
     tokens = [int(t) for t in prompt]
     if prompt_cache is None:
-        cache = model.make_cache(slack=slack0)
-        drafter = MTPDrafter(model, slack, prefill_step_size) if draft_mtp else None
+        cache = model.make_cache(slack=slack0, kv=kv)
+        drafter = MTPDrafter(model, slack, prefill_step_size, kv) if draft_mtp else None
         start, marks = 0, None
     else:
         if draft_mtp and prompt_cache.drafter is None:
             raise ValueError(
                 "this prompt cache holds no MTP state (made with draft_mtp=False, or by generate.py "
                 "without --draft-mtp): continue it without drafting, or start it again with drafting"
+            )
+        if kv_of(prompt_cache.cache) != kv:
+            raise ValueError(
+                f"this prompt cache holds {kv_name(kv_of(prompt_cache.cache))} KV, "
+                f"the generation asks for {kv_name(kv)}: pass the same kv_bits, kv_group_size "
+                "and quantized_kv_start as when it was made"
             )
         tokens = prompt_cache.history + tokens
         start = prompt_cache.reuse(tokens)
@@ -205,7 +221,7 @@ def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
         if drafter is not None:
             drafter.add_trunk(h)
             drafter.commit(tokens)
-        mx.eval([(c.keys, c.values) for c in cache], drafter.state() if drafter else [])
+        mx.eval([c.arrays() for c in cache], drafter.state() if drafter else [])
         mx.clear_cache()  # free the chunk's activations now, as mlx-lm does
         if pc is not None and e in positions:
             pc.tokens = tokens[:e]
@@ -390,6 +406,9 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     checkpoints: Sequence[int] = (),
     draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream GenerationResponse objects like mlx_lm.stream_generate; `prompt` is a
     string (tokenized as is: apply a chat template first if you want one) or token ids.
@@ -416,6 +435,9 @@ def stream_generate(
         prompt_cache=prompt_cache,
         checkpoints=checkpoints,
         draft_min_confidence=draft_min_confidence,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     n = 0
     for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):

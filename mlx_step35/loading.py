@@ -8,6 +8,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, kv_quant
 from .config import load_config, parse_config
 from .distributed import shard
 from .expert_cache import EXPERT_CACHE_POLICY, POLICIES, attach_expert_cache, is_streamed, plan_expert_cache
@@ -108,11 +109,15 @@ def preflight(
     expert_cache_gb: Optional[float] = None,
     device: Optional[Device] = None,
     group: Optional[mx.distributed.Group] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
 ) -> Preflight:
     """Whether loading `path` as `load()` would (same arguments) and generating `context`
     tokens fits this machine, from the config and the index alone; see `memory.assess`.
     `draft` (default: when the MTP blocks load) adds their KV caches. With a `group`, this
-    rank's share of the weights."""
+    rank's share of the weights. `kv_bits` etc.: the KV format (see `generate_step`)."""
+    kv = kv_quant(kv_bits, kv_group_size, quantized_kv_start)
     path = resolve_path(path)
     recipe = make_recipe(quantize, q_bits, q_group_size)
     with warnings.catch_warnings():
@@ -120,15 +125,19 @@ def preflight(
         model, args, config, _, plan = build(path, recipe=recipe, dtype=parse_dtype(dtype), mtp=mtp)
     if group is not None and group.size() > 1:
         plan = shard(model, plan, group)
-    return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device)
+    return _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device, kv)
 
 
-def _assess(model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device) -> Preflight:
+def _assess(
+    model, args, config, plan, recipe, dtype, context, draft, expert_cache_gb, device, kv=None
+) -> Preflight:
     torch_dtype = config.get("torch_dtype")
     dt = parse_dtype(dtype) or (DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None)
     dt = dt or mx.bfloat16
     draft = bool(model.mtp) if draft is None else draft and bool(model.mtp)
-    needs = estimate(model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb)
+    needs = estimate(
+        model, args, context=context, draft=draft, dtype=dt, expert_cache_gb=expert_cache_gb, kv_quant=kv
+    )
     device = device or Device.current()
     if needs.total <= (device.recommended or device.memory):
         return assess(needs, device)

@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .cache import KVQuant
+
 GIB = 1 << 30  # sizes are printed in GiB, as Apple counts a Mac's memory; the sysctl takes MiB
 MIB = 1 << 20
 DECODE_CLEAR_EVERY = 256  # tokens between buffer-cache clears while decoding (as mlx-lm)
@@ -199,31 +201,47 @@ def _kv_token_bytes(args, layer: int, itemsize: int) -> int:
     return 2 * kv_heads * args.head_dim * itemsize  # keys and values
 
 
-def kv_bytes(args, context: int, *, draft: bool, itemsize: int = 2) -> tuple:
+def kv_bytes(args, context: int, *, draft: bool, itemsize: int = 2, kv: Optional[KVQuant] = None) -> tuple:
     """(bytes, bytes per further token) of the KV caches for `context` tokens: full-attention
     layers grow per token (mlx-lm's KVCache allocates in steps of KVCache.step), sliding
-    layers stop at the window (plus the rewind slack); the MTP blocks' caches when drafting."""
+    layers stop at the window (plus the rewind slack); the MTP blocks' caches when drafting.
+    With `kv`, full-attention positions from kv.start on take kv.bytes_per_value per value
+    (packed values, scales and biases), also allocated in steps."""
     full_len = _steps(context)
-    sliding_len = min(full_len, args.sliding_window - 1 + KV_SLACK)
+    quantized = 0 if kv is None else _steps(max(0, context - kv.start))
+    if kv is not None:
+        full_len = _steps(min(context, kv.start))
+    sliding_len = min(_steps(context), args.sliding_window - 1 + KV_SLACK)
     layers = list(range(args.num_hidden_layers))
     if draft:
         layers += [args.num_hidden_layers + j for j in range(args.num_nextn_predict_layers)]
     total = per_token = 0
     for i in layers:
         b = _kv_token_bytes(args, i, itemsize)
-        total += b * (sliding_len if args.is_sliding(i) else full_len)
-        per_token += 0 if args.is_sliding(i) else b
+        if args.is_sliding(i):
+            total += b * sliding_len
+            continue
+        bq = 0 if kv is None else round(b / itemsize * kv.bytes_per_value(itemsize))
+        total += b * full_len + bq * quantized
+        per_token += b if kv is None else bq  # the growth of a long context
     return total, per_token
 
 
 def estimate(
-    model, args, *, context: int, draft: bool, dtype=mx.bfloat16, expert_cache_gb: Optional[float] = None
+    model,
+    args,
+    *,
+    context: int,
+    draft: bool,
+    dtype=mx.bfloat16,
+    expert_cache_gb: Optional[float] = None,
+    kv_quant: Optional[KVQuant] = None,
 ) -> Needs:
     """What generating `context` tokens with `model` (built lazily, as loading will fill it)
     needs. `expert_cache_gb`: with an expert cache (issue 12) only that many GB (1e9 bytes)
-    of routed experts are resident instead of all of them."""
+    of routed experts are resident instead of all of them. `kv_quant`: the KV format."""
     w = weight_bytes(model, dtype)
-    kv, per_token = kv_bytes(args, context, draft=draft, itemsize=dtype.size)
+    kv, per_token = kv_bytes(args, context, draft=draft, itemsize=dtype.size, kv=kv_quant)
     weights, cache = w["total"], 0
     if expert_cache_gb is not None:
         weights, cache = weights - w["experts"], int(expert_cache_gb * 1e9)

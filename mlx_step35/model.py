@@ -17,7 +17,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.step3p5 import ClampedSwiGLU, clamped_swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
-from .cache import FullKVCache, SlidingKVCache
+from .cache import FullKVCache, KVQuant, SlidingKVCache, attention
 from .config import ModelArgs
 from .fusion import project
 
@@ -236,7 +236,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask, getattr(cache, "quant", None))
         out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
         if self.use_gate:
             out = _head_gate(out, g[0])
@@ -346,15 +346,20 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         return self.lm_head(self.model.norm(hidden))
 
-    def make_cache(self, slack: int = 4) -> List[Any]:
-        """One cache per trunk layer; sliding ones can rewind up to `slack` tokens."""
-        return [self._cache(layer.is_sliding, slack) for layer in self.layers]
+    def make_cache(self, slack: int = 4, kv: Optional[KVQuant] = None) -> List[Any]:
+        """One cache per trunk layer; sliding ones can rewind up to `slack` tokens; with `kv`,
+        the full-attention ones store keys and values quantized (sliding ones stay 16-bit)."""
+        return [self._cache(layer.is_sliding, slack, kv) for layer in self.layers]
 
-    def make_mtp_cache(self, slack: int = 4) -> List[Any]:
-        return [self._cache(block.is_sliding, slack) for block in self.mtp]
+    def make_mtp_cache(self, slack: int = 4, kv: Optional[KVQuant] = None) -> List[Any]:
+        return [self._cache(block.is_sliding, slack, kv) for block in self.mtp]
 
-    def _cache(self, sliding: bool, slack: int):
-        return SlidingKVCache(self.args.sliding_window, slack) if sliding else FullKVCache()
+    def _cache(self, sliding: bool, slack: int, kv: Optional[KVQuant] = None):
+        if sliding:
+            return SlidingKVCache(self.args.sliding_window, slack)
+        if kv is not None and self.args.head_dim % kv.group_size:
+            raise ValueError(f"kv_group_size {kv.group_size} does not divide head_dim {self.args.head_dim}")
+        return FullKVCache(kv)
 
     def _require_mtp(self):
         if not self.mtp:

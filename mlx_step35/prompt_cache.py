@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import FullKVCache, SlidingKVCache
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, FullKVCache, KVQuant, SlidingKVCache, kv_of, kv_quant
 from .cache_files import (
     CacheDir,
     ChecksumError,
@@ -43,21 +43,19 @@ CHECKPOINT_BEFORE_END = 8  # each prompt is also snapshotted this many tokens be
 
 def _copy_cache(c):
     """A cache object whose arrays cannot be changed by later updates of `c`."""
-    new = copy.copy(c)
-    if c.keys is not None:
-        new.keys, new.values = c.keys[...], c.values[...]
-    return new
+    return c.copy()
 
 
 def _trimmed(c, pos: int):
-    """A view of full-attention cache `c` holding its first `pos` entries."""
+    """A view of full-attention cache `c` holding its first `pos` entries (16-bit or
+    quantized, by position: the view's offset says which)."""
     view = copy.copy(c)
     view.offset = pos
     return view
 
 
 def _cache_arrays(c) -> List[mx.array]:
-    return [] if c.keys is None else [c.keys, c.values]
+    return c.arrays()
 
 
 @dataclass
@@ -133,7 +131,7 @@ class PromptCache:
     def _empty_drafter(self):
         if self.drafter is None:
             return None
-        fresh = MTPDrafter(self.model, MAX_SLACK, self.drafter.chunk)
+        fresh = MTPDrafter(self.model, MAX_SLACK, self.drafter.chunk, self.drafter.kv)
         return dict(cache=fresh.cache, done=fresh.done, hidden=fresh.hidden)
 
     # -- reuse -----------------------------------------------------------------------
@@ -202,18 +200,36 @@ class PromptCache:
         return live + sum(cp.nbytes for cp in self.checkpoints.values())
 
 
-def make_prompt_cache(model, draft_mtp: bool = True, prefill_step_size: int = PREFILL_STEP) -> PromptCache:
+def make_prompt_cache(
+    model,
+    draft_mtp: bool = True,
+    prefill_step_size: int = PREFILL_STEP,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+) -> PromptCache:
     """An empty prompt cache for `model`. With `draft_mtp` (and MTP weights) it also keeps
-    the drafter's state, so any later generation on it may draft; without, none may."""
-    drafter = MTPDrafter(model, MAX_SLACK, prefill_step_size) if draft_mtp and model.num_mtp else None
-    return PromptCache(model, model.make_cache(slack=1), drafter)
+    the drafter's state, so any later generation on it may draft; without, none may.
+    `kv_bits` etc.: its full-attention KV format (see `generate_step`); every generation on
+    it must pass the same."""
+    return _new_prompt_cache(
+        model, draft_mtp, prefill_step_size, kv_quant(kv_bits, kv_group_size, quantized_kv_start)
+    )
+
+
+def _new_prompt_cache(model, draft_mtp: bool, prefill_step_size: int, kv: Optional[KVQuant]) -> PromptCache:
+    drafter = MTPDrafter(model, MAX_SLACK, prefill_step_size, kv) if draft_mtp and model.num_mtp else None
+    return PromptCache(model, model.make_cache(slack=1, kv=kv), drafter)
 
 
 # -- files ---------------------------------------------------------------------------
-def fingerprint(model) -> str:
+def fingerprint(model, kv: Optional[KVQuant] = None) -> str:
     """A hash of the model's config and of a sample of every trunk weight (the trunk's
-    caches do not depend on whether the MTP blocks were loaded)."""
+    caches do not depend on whether the MTP blocks were loaded), and of the KV format when
+    quantized (16-bit KV hashes as before quantized KV existed)."""
     h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
+    if kv is not None:
+        h.update(json.dumps(vars(kv), sort_keys=True).encode())
     for name, w in tree_flatten(model.parameters()):
         if name.startswith("mtp."):
             continue
@@ -222,13 +238,21 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:32]
 
 
+QUANTIZED_PARTS = ("w", "scales", "biases")  # mx.quantize's outputs, in order
+
+
 def _put_cache(arrays: dict, meta: dict, prefix: str, c):
     if isinstance(c, SlidingKVCache):
         meta[prefix] = dict(kind="sliding", offset=c.offset, stored=c.stored, slack=c.slack, window=c.window)
         k, v = c.state
     else:
         meta[prefix] = dict(kind="full", offset=c.offset)
-        k, v = (None, None) if c.keys is None else (c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
+        fp = c.fp_len
+        k, v = (None, None) if not fp else (c.keys[..., :fp, :], c.values[..., :fp, :])
+        if c.q_len:  # the quantized entries as they are: packed values, scales, biases
+            for name, parts in (("qkeys", c.qkeys), ("qvalues", c.qvalues)):
+                for part, a in zip(QUANTIZED_PARTS, parts):
+                    arrays[f"{prefix}.{name}.{part}"] = a[..., : c.q_len, :]
     if k is not None:
         arrays[prefix + ".keys"], arrays[prefix + ".values"] = k, v
 
@@ -249,11 +273,21 @@ def _get_cache(arrays: dict, meta: dict, prefix: str, like):
         return c
     if m["kind"] != "full":
         raise PromptCacheError(f"{prefix}: not a full-attention cache")
-    c = FullKVCache()
-    if k is not None:
-        if k.shape[2] != m["offset"]:
-            raise PromptCacheError(f"{prefix}: {k.shape[2]} entries, expected {m['offset']}")
-        c.update_and_fetch(k, v)
+    c = FullKVCache(like.quant)
+    c.offset = m["offset"]
+    if k is not None or c.fp_len:
+        if k is None or k.shape[2] != c.fp_len:
+            raise PromptCacheError(
+                f"{prefix}: {0 if k is None else k.shape[2]} 16-bit entries, expected {c.fp_len}"
+            )
+        c.keys, c.values = k, v
+    if c.q_len:
+        c.qkeys, c.qvalues = (
+            tuple(arrays[f"{prefix}.{name}.{part}"] for part in QUANTIZED_PARTS)
+            for name in ("qkeys", "qvalues")
+        )
+        if any(a.shape[2] != c.q_len for a in c.qkeys + c.qvalues):
+            raise PromptCacheError(f"{prefix}: quantized entries are not {c.q_len}")
     return c
 
 
@@ -284,7 +318,8 @@ def _snapshot(
     meta.update(
         format="mlx_step35.prompt_cache",
         version=str(FORMAT_VERSION),
-        fingerprint=fp or fingerprint(pc.model),
+        fingerprint=fp or fingerprint(pc.model, kv_of(pc.cache)),
+        kv=json.dumps(None if kv_of(pc.cache) is None else vars(kv_of(pc.cache))),
         tokens=json.dumps(pc.tokens),
         history=json.dumps(pc.history),
         layout=json.dumps(layout),
@@ -298,8 +333,9 @@ def load_prompt_cache(path, model, return_metadata: bool = False):
     checksum is verified before any of it is used), or was made with another model."""
     path = Path(path)
     try:
-        fp = fingerprint(model)
-        _check_meta(read_metadata(path), fp)  # a clear refusal before reading the data
+        head = read_metadata(path)
+        fp = fingerprint(model, _file_kv(head))  # the model's, with the file's KV format
+        _check_meta(head, fp)  # a clear refusal before reading the data
         arrays, meta = read(path)
         pc = _from_arrays(model, arrays, meta, fp)
     except OSError as e:
@@ -323,10 +359,17 @@ def _check_meta(meta: Dict[str, str], fp: str):
         raise PromptCacheError("made with another model (fingerprint differs)")
 
 
+def _file_kv(meta: Dict[str, str]) -> Optional[KVQuant]:
+    """The KV format a file was written with (None: 16-bit)."""
+    kv = json.loads(meta.get("kv", "null"))
+    return None if kv is None else KVQuant(**kv)
+
+
 def _from_arrays(model, arrays, meta, fp: str) -> PromptCache:
     _check_meta(meta, fp)  # as verified by the checksum
+    kv = _file_kv(meta)
     layout = json.loads(meta["layout"])
-    pc = make_prompt_cache(model, draft_mtp="done" in layout)  # MTP state unused without MTP blocks
+    pc = _new_prompt_cache(model, "done" in layout, PREFILL_STEP, kv)  # MTP state unused without MTP blocks
     pc.cache = [_get_cache(arrays, layout, f"trunk.{i}", c) for i, c in enumerate(pc.cache)]
     pc.tokens = [int(t) for t in json.loads(meta["tokens"])]
     pc.history = [int(t) for t in json.loads(meta["history"])]
@@ -370,13 +413,17 @@ class PromptCacheStore:
         max_checkpoints: int = 8,
         directory=None,
         max_dir_bytes: Optional[int] = None,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = KV_GROUP_SIZE,
+        quantized_kv_start: int = QUANTIZED_KV_START,
     ):
         self.model, self.max_bytes, self.draft_mtp = model, max_bytes, draft_mtp
         self.prefill_step_size, self.max_checkpoints = prefill_step_size, max_checkpoints
         self.entries: List[PromptCache] = []  # least recently used first
         self.dir = Path(directory) if directory else None
         self.max_dir_bytes = max_dir_bytes if max_dir_bytes is not None else 4 * max_bytes
-        self._fingerprint = fingerprint(model) if self.dir else None
+        self.kv = kv_quant(kv_bits, kv_group_size, quantized_kv_start)  # the KV format of every cache
+        self._fingerprint = fingerprint(model, self.kv) if self.dir else None  # other formats' files: misses
         self._files = CacheDir(self.dir, self._tokens_of, self.max_dir_bytes) if self.dir else None
 
     def acquire(self, tokens: Sequence[int]) -> Tuple[PromptCache, List[int]]:
@@ -388,7 +435,7 @@ class PromptCacheStore:
         if best is None and self.dir:
             best = self._from_disk(tokens)
         if best is None:
-            best = make_prompt_cache(self.model, self.draft_mtp, self.prefill_step_size)
+            best = _new_prompt_cache(self.model, self.draft_mtp, self.prefill_step_size, self.kv)
         elif best in self.entries:
             if best_n < len(best.tokens) and best_n < best.prompt_len - CHECKPOINT_BEFORE_END:
                 best = best.fork(best_n)  # another conversation branching off: keep this one

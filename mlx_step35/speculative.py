@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import rewind
+from .cache import KVQuant, rewind
 from .lockstep import lockstep
 from .sampling import Sampler, process
 
@@ -68,10 +68,11 @@ class SpecStats:
 
 
 class MTPDrafter:
-    def __init__(self, model, slack: int, chunk: int = PREFILL_STEP):
+    def __init__(self, model, slack: int, chunk: int = PREFILL_STEP, kv: Optional[KVQuant] = None):
         self.model = model
         self.K = model.num_mtp
-        self.cache = model.make_mtp_cache(slack)
+        self.kv = kv  # full-attention blocks' KV quantization (the trunk's rule per layer type)
+        self.cache = model.make_mtp_cache(slack, kv)
         self.chunk = chunk
         self.done = [0] * (self.K + 1)  # done[0]: trunk positions; done[k]: block k's committed
         # hidden[k]: rows of h_k at positions [done[k+1], done[k]) that block k+1 still needs
@@ -90,7 +91,7 @@ class MTPDrafter:
 
     def state(self) -> List[mx.array]:
         """Every array the drafter holds: its blocks' KV caches and the hidden rows kept."""
-        kv = [a for c in self.cache for a in (c.keys, c.values) if a is not None]
+        kv = [a for c in self.cache for a in c.arrays()]
         return kv + [h for h in self.hidden + self._rows if h is not None]
 
     def _trunk_rows(self):

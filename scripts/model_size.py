@@ -3,14 +3,16 @@
 Builds the model lazily from the published config (nothing is allocated) and adds up
 the bytes every parameter would take: `python scripts/model_size.py`. With
 `--preflight-table`, the memory pre-flight of `load()` / `generate.py` on 64, 128 and
-192 GB Macs (README's table)."""
+192 GB Macs (README's table); with `--context-table`, the longest context that fits per Mac
+at 16/8/4-bit KV (README's table)."""
 
 import argparse
 
 import mlx.nn as nn
 
+from mlx_step35.cache import KVQuant
 from mlx_step35.config import parse_config
-from mlx_step35.memory import Device, assess, estimate, gb, recipe_weights
+from mlx_step35.memory import OS_RESERVE, Device, assess, estimate, gb, recipe_weights
 from mlx_step35.model import Model
 from mlx_step35.weights import QuantRecipe
 
@@ -72,6 +74,50 @@ def preflight_table(bits=(3, 4, 8), macs=(64, 128, 192), context=32768) -> str:
     return "\n".join(rows)
 
 
+MAX_CONTEXT = 262144  # the model's positions
+
+
+def longest_context(model, args, budget: int, kv) -> int:
+    """The longest context (a multiple of 256, at most MAX_CONTEXT) whose pre-flight total
+    (weights, MTP blocks, KV of trunk and MTP blocks when drafting, headroom) fits `budget`."""
+    lo, hi = 0, MAX_CONTEXT // 256
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(model, args, context=mid * 256, draft=True, kv_quant=kv).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 256
+
+
+def context_table(bits=(3, 4), macs=(96, 128, 192), kv_bits=(None, 8, 4)) -> str:
+    """Longest context per Mac: as is (the default wired limit: Metal's recommended working set)
+    / with the wired limit raised to all memory but 8 GiB."""
+    args = parse_config(REAL)
+    rows = [
+        "| weights | KV | " + " | ".join(f"{m} GB Mac" for m in macs) + " |",
+        "|---" * (2 + len(macs)) + "|",
+    ]
+    for b in bits:
+        model = lazy_model(QuantRecipe(bits=b))
+        for kb in kv_bits:
+            kv = None if kb is None else KVQuant(kb)
+            cells = []
+            for m in macs:
+                d = mac(m)
+                fits = [
+                    longest_context(model, args, budget, kv)
+                    for budget in (d.recommended, d.memory - OS_RESERVE)
+                ]
+                cells.append(" / ".join(_k(t) for t in fits))
+            rows.append(f"| {b}-bit | {kb or 16}-bit | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _k(tokens: int) -> str:
+    return "none" if not tokens else "262K (all)" if tokens >= MAX_CONTEXT else f"{tokens // 1024}K"
+
+
 def _cell(report) -> str:
     """A short table cell: fits, the sysctl, or 'no' and the first fix."""
     if report.ok:
@@ -91,8 +137,13 @@ def _cell(report) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preflight-table", action="store_true", help="the README's memory pre-flight table")
-    if ap.parse_args().preflight_table:
+    ap.add_argument("--context-table", action="store_true", help="the README's longest-context table")
+    a = ap.parse_args()
+    if a.preflight_table:
         print(preflight_table())
+        return
+    if a.context_table:
+        print(context_table())
         return
     print("| weights | total GB | routed experts GB | MTP blocks GB |")
     print("|---|---|---|---|")

@@ -139,7 +139,9 @@ def test_auto_without_drafts_does_the_work_of_plain_decoding(mixed_model, monkey
 
     monkeypatch.setattr(generation, "_plain_run", run_spy)
     monkeypatch.setattr(
-        Model, "make_cache", lambda self, slack: caches.append(original_cache(self, slack)) or caches[-1]
+        Model,
+        "make_cache",
+        lambda self, slack, **kw: caches.append(original_cache(self, slack, **kw)) or caches[-1],
     )
     monkeypatch.setattr(
         AutoDraft, "choose", lambda self: choices.append(original_choose(self)) or choices[-1]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli import ArgumentParser, user_errors
+from ..cli import ArgumentParser, add_kv_arguments, kv_arguments, user_errors
 from ..distributed import exit_when_terminated, peer_errors, world
 from ..expert_cache import add_expert_cache_arguments
 from ..follow import follow
@@ -87,6 +87,7 @@ def parser() -> ArgumentParser:
         f"[0, 1); 0 = never; auto (default): learnt with the depth under --num-draft auto, {GATE_DEFAULT} "
         "at a fixed depth; a request's draft_min_confidence overrides it. Output is unchanged",
     )
+    add_kv_arguments(p)
     return p
 
 
@@ -166,6 +167,7 @@ def main(argv=None):
         prompt_cache_gb=0 if group is not None else a.prompt_cache_gb,  # (not across ranks yet)
         prompt_cache_dir=a.prompt_cache_dir,
         distributed=group is not None,
+        kv=kv_arguments(a),
     )
 
 
@@ -195,9 +197,11 @@ def serve(
     prompt_cache_gb: float = 0.0,
     prompt_cache_dir=None,
     distributed: bool = False,
+    kv: Optional[dict] = None,
 ):
     """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking).
-    With `prompt_cache_gb` > 0, conversations' caches are reused across requests."""
+    With `prompt_cache_gb` > 0, conversations' caches are reused across requests. `kv`:
+    generate_step's kv_bits, kv_group_size, quantized_kv_start for every request."""
     import uvicorn
 
     sock = sock or bind(host, port)
@@ -208,8 +212,9 @@ def serve(
             int(prompt_cache_gb * 1e9),
             draft_mtp=settings.draft_mtp and model.num_mtp > 0,
             directory=prompt_cache_dir,
+            **(kv or {}),
         )
-    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store, distributed=distributed)
+    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store, distributed=distributed, kv=kv)
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5

@@ -169,8 +169,12 @@ class Engine:
         metrics=None,
         prompt_cache=None,
         distributed=False,
+        kv: Optional[dict] = None,
     ):
         self.model = model
+        # the KV format of every generation (kv_bits, kv_group_size, quantized_kv_start): server-wide,
+        # as the prompt cache store keeps one format
+        self.kv = dict(kv or {})
         self.tokenizer = tokenizer
         self.metrics = metrics
         # Tensor parallel (rank 0 of an mlx.launch group): each request is shared with the other
@@ -238,7 +242,7 @@ class Engine:
         conversation sharing the longest prefix, and gets it back when the generation ends
         (not after an error: its state is then unknown). Runs on the generation thread."""
         if self.distributed:
-            shared = share_request(self.model, request.shared())
+            shared = share_request(self.model, {**request.shared(), **self.kv})
             return stream_generate(self.model, self.tokenizer, **request_kwargs(shared))
         if request.seed is not None:
             mx.random.seed(request.seed)
@@ -259,6 +263,7 @@ class Engine:
             prompt_cache=pc,
             checkpoints=request.checkpoints,
             draft_min_confidence=request.draft_min_confidence,
+            **self.kv,
         )
         return gen if pc is None else self._returning(gen, pc)
 
