@@ -293,7 +293,8 @@ class CacheDir:
         self._lock = threading.RLock()  # the index, and the files it names, between threads
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob(".*" + TMP_SUFFIX):  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
+            if not _writer_alive(stale.name):  # (not another live store's write in progress)
+                stale.unlink(missing_ok=True)
         for f in sorted(self.dir.glob("*.safetensors")):
             if _OWN.fullmatch(f.name):
                 self._add(f)
@@ -386,3 +387,16 @@ class CacheDir:
 
     def close(self, timeout: Optional[float] = None) -> bool:
         return self._writer.close(timeout)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that names temporary file `tmp_name` (".NAME.PID.TID" + TMP_SUFFIX)
+    still runs: its write may be in progress (another server on the same directory)."""
+    try:
+        pid = int(tmp_name[: -len(TMP_SUFFIX)].split(".")[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

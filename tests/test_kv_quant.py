@@ -259,6 +259,7 @@ def test_store_on_disk_keeps_each_format_apart(random_model, tmp_path):
     pc, cont = q_store.acquire(prompt)
     out, _ = run(random_model, cont, max_tokens=5, prompt_cache=pc, checkpoints=[40], **KV)
     q_store.release(pc)
+    q_store.flush()  # (files are written by a background thread)
     files = set(tmp_path.glob("*.safetensors"))
     assert files
     # a 16-bit store on the same directory finds nothing of its format, and writes its own files

@@ -288,3 +288,12 @@ def test_writer_drops_the_oldest_queued_file_when_it_falls_behind(tmp_path, monk
     gate.open.set()
     assert writer.close(timeout=60)
     assert sorted(tmp_path.iterdir()) == sorted(set(paths) - {paths[1]}) and done == [None] * 5
+
+
+def test_a_live_writers_temporary_file_is_kept(model, tmp_path):
+    """A store starting on a directory leaves alone the temporary file of a write still in
+    progress in a live process (another server on the same directory): here, this one."""
+    live = tmp_path / f".{'b' * 24}.safetensors.{os.getpid()}.1{cache_files.TMP_SUFFIX}"
+    live.write_bytes(b"partial")
+    PromptCacheStore(model, max_bytes=1 << 30, directory=tmp_path).close()
+    assert live.exists()
