@@ -20,7 +20,10 @@ Router bias: DeepSeek-V3 aux-loss-free balancing (bias += gamma * sign(mean_load
 after each optimizer step; not a gradient parameter). MTP losses back-propagate into the trunk
 (loss = CE_trunk + lambda * mean_k CE_k).
 
-Usage: .venv/bin/python scripts/train_demo.py --minutes 30 --threads 1   (outputs build/demo-hf)
+Usage: .venv/bin/python scripts/train_demo.py --minutes 30 --threads 1 --mlx-out mlx_step35/demo
+  (the HF export in build/demo-hf; with --mlx-out, also its conversion as the bundled demo is
+  made: `convert.py -q --q-group-size 32`, 4-bit in groups of 32 so that every split weight
+  divides into whole groups over 2 ranks, router 8-bit, embedding/lm_head/MTP heads 6-bit)
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ EXCLUDE_DIRS = {
     "venv",
     "config-3",
 }
+DEMO_GROUP_SIZE = 32  # o_proj (6 heads x 32) and the experts' down_proj (64) split in 2 whole groups
+CONTEXT = 262144  # the real model's max_position_embeddings (the RoPE scaling does not read it)
 SPECIAL_TOKENS = ["<s>", "<|endoftext|>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -734,7 +739,12 @@ def main():
     ap.add_argument("--moe-intermediate", type=int, default=64)
     ap.add_argument("--share-dim", type=int, default=128)
     ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--max-pos", type=int, default=4096)
+    ap.add_argument("--max-pos", type=int, default=CONTEXT, help="context (default: the real model's)")
+    ap.add_argument(
+        "--mlx-out",
+        default=None,
+        help="also convert the export here as the bundled demo is (4-bit, groups of %d)" % DEMO_GROUP_SIZE,
+    )
     ap.add_argument(
         "--no-swiglu-limits",
         dest="swiglu_limits",
@@ -921,6 +931,21 @@ def main():
     }
     json.dump(log, open(os.path.join(args.out, "train_log.json"), "w"), indent=2)
     print(f"exported to {args.out}: {files}; safetensors {size} bytes; total {time.time() - t_start:.0f}s")
+    if args.mlx_out:
+        convert_demo(args.out, args.mlx_out, log)
+
+
+def convert_demo(hf_dir, mlx_dir, log):
+    """The bundled demo's conversion of the export, with the training log beside it."""
+    from mlx_step35 import convert
+
+    convert(hf_dir, mlx_dir, quantize=True, q_group_size=DEMO_GROUP_SIZE)
+    log = dict(
+        log,
+        conversion=f"python convert.py --hf-path {hf_dir} --mlx-path {mlx_dir} -q --q-group-size {DEMO_GROUP_SIZE}",
+    )
+    json.dump(log, open(os.path.join(mlx_dir, "train_log.json"), "w"), indent=2)
+    print(f"converted to {mlx_dir} (4-bit, groups of {DEMO_GROUP_SIZE})")
 
 
 if __name__ == "__main__":
