@@ -20,10 +20,11 @@ Router bias: DeepSeek-V3 aux-loss-free balancing (bias += gamma * sign(mean_load
 after each optimizer step; not a gradient parameter). MTP losses back-propagate into the trunk
 (loss = CE_trunk + lambda * mean_k CE_k).
 
-Usage: .venv/bin/python scripts/train_demo.py --minutes 30 --threads 1 --mlx-out mlx_step35/demo
-  (the HF export in build/demo-hf; with --mlx-out, also its conversion as the bundled demo is
-  made: `convert.py -q --q-group-size 32`, 4-bit in groups of 32 so that every split weight
-  divides into whole groups over 2 ranks, router 8-bit, embedding/lm_head/MTP heads 6-bit)
+Usage: .venv/bin/python scripts/train_demo.py --minutes 30 --threads 1 --mlx-out build/demo-mlx
+  (the HF export in build/demo-hf; with --mlx-out, a new folder, also its conversion as the
+  bundled demo mlx_step35/demo is made: `convert.py -q --q-group-size 32`, 4-bit in groups of
+  32 so that every split weight divides into whole groups over 2 ranks, router 8-bit,
+  embedding/lm_head/MTP heads 6-bit)
 """
 
 import argparse
@@ -100,6 +101,8 @@ def main():
     )
     ap.add_argument("--max-eval-seqs", type=int, default=256)
     args = ap.parse_args()
+    if args.mlx_out and os.path.exists(args.mlx_out):  # convert() refuses it: say so before training
+        ap.error(f"--mlx-out {args.mlx_out} already exists; remove it or choose another folder")
     if args.steps is None and args.minutes is None:
         args.steps = 2000
 
