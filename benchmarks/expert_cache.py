@@ -30,7 +30,7 @@ def record(a):
     import mlx.core as mx
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from train_demo import collect_corpus, split_docs
+    from demo_data import collect_corpus, split_docs
 
     from mlx_step35 import load
     from mlx_step35.expert_trace import trace_experts

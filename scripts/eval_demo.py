@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_demo import collect_corpus, split_docs  # noqa: E402  (same held-out files)
+from demo_data import collect_corpus, split_docs  # noqa: E402  (same held-out files)
 
 from mlx_step35 import load  # noqa: E402
 

@@ -17,6 +17,7 @@ from test_speculative import chi2_sf
 from mlx_step35 import load, make_sampler
 from mlx_step35.cache import FullKVCache, KVQuant, attention
 from mlx_step35.config import parse_config
+from mlx_step35.follow import request_kwargs
 from mlx_step35.generation import generate_step
 from mlx_step35.memory import kv_bytes
 from mlx_step35.model import Model
@@ -375,8 +376,6 @@ def test_tensor_parallel_requests_carry_the_kv_format():
     """Rank 0 shares each request with the KV settings (the server's Engine adds them); every
     rank builds the same generate_step call, and its caches then hold its own KV heads,
     quantized alike (mx.quantize groups run along head_dim, so a head never straddles ranks)."""
-    from mlx_step35.distributed import request_kwargs
-
     shared = {"prompt": [1, 2], "max_tokens": 3, "kv_bits": 4, "kv_group_size": 64, "quantized_kv_start": 0}
     kw = request_kwargs(shared)
     assert (kw["kv_bits"], kw["kv_group_size"], kw["quantized_kv_start"]) == (4, 64, 0)

@@ -229,8 +229,8 @@ BAD = [
     ({"prompt": "x", "frobnicate": True}, 400, "unsupported field 'frobnicate'"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "not found"),
     ({"prompt": [1, 99999]}, 400, "token ids"),
-    ({"prompt": "hello " * 5000}, 400, "context"),
-    ({"prompt": "x", "max_tokens": 100000}, 400, "context"),
+    ({"prompt": "x" * 262144}, 400, "context"),  # one token per "x", over the 262,144 positions
+    ({"prompt": "x", "max_tokens": 300000}, 400, "context"),
     ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
 ]
 
@@ -272,7 +272,7 @@ CHAT_BAD = [
         {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tools": []}},
         "chat_template_kwargs",
     ),
-    ({"messages": [{"role": "user", "content": "x" * 20000}]}, "context"),
+    ({"messages": [{"role": "user", "content": "x" * 262144}]}, "context"),
 ]
 
 

@@ -95,6 +95,16 @@ def test_full_queue_is_503_with_retry_after(url):
     assert r.status_code == 200
 
 
+def test_demo_context_is_the_real_models(url):
+    """The demo model takes agent-sized prompts: its context is Step-3.5-Flash's 262,144
+    positions (STEP35_FACTS), not the 4,096 it was first shipped with."""
+    body = {"prompt": "x", "max_tokens": 262144}
+    r = httpx.post(url + "/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].endswith("exceed the model's context of 262144")
+    ok(url)
+
+
 def test_ctrl_c_ends_running_streams_and_exits_cleanly(url):  # last: stops the server
     body = {"prompt": "def f(x):", "max_tokens": 3000, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
