@@ -5,7 +5,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Generator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -81,6 +81,7 @@ def generate_step(
     kv_bits: Optional[int] = None,
     kv_group_size: int = KV_GROUP_SIZE,
     quantized_kv_start: int = QUANTIZED_KV_START,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs [V], from_draft) until max_tokens tokens.
 
@@ -103,6 +104,11 @@ def generate_step(
     conversation it holds; only the tokens not cached yet run, and the cache is updated in
     place. `checkpoints` are positions (in the whole conversation) where the prefill
     snapshots the sliding state, so a later prompt that branches there reuses the prefix.
+
+    `prompt_progress_callback(processed, total)` (mlx-lm's name) is called after each prefill
+    chunk, with the prompt tokens run so far and in all (those a prompt cache already holds not
+    counted); an exception it raises ends the generation there, and a prompt cache then holds
+    the chunks already run (the server stops a cancelled request's long prefill this way).
 
     With `kv_bits` (mlx-lm's names and defaults), the full-attention caches store the
     positions from `quantized_kv_start` on quantized (`kv_bits` per value, groups of
@@ -164,7 +170,7 @@ def generate_step(
         # Weights stay wired while generating (on Metal); restored when the generator ends or is closed.
         with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
             tic = time.perf_counter()
-            h = _prefill(model, tokens, cache, drafter, prefill_step_size, start, marks)
+            h = _prefill(model, tokens, cache, drafter, prefill_step_size, start, marks, prompt_progress_callback)
             logprobs = process(model.logits(h[:, -1]), tokens, logits_processors)
             tok = int(lockstep(model).array(sampler(logprobs)).item())  # rank 0's token, every rank
             tokens.append(tok)
@@ -205,14 +211,14 @@ def _release_at_thread_end():
         _thread_state.release = _ReleaseAtThreadEnd()
 
 
-def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
+def _prefill(model, tokens, cache, drafter, step, start=0, marks=None, progress=None):
     """Run tokens[start:] through the trunk in chunks of `step` tokens; returns the last
     token's hidden states. Each chunk is evaluated before the next is built: the trunk's KV
     caches and, with a drafter, the MTP blocks' work on the chunk (their caches and the
     hidden rows they still need), so no prompt work is left for the first draft. Without a
     drafter the last token goes through after the loop, so only KV caches are evaluated (as
     mlx-lm). `marks` = (positions, prompt_cache): chunks also end there, and the cache
-    checkpoints."""
+    checkpoints. `progress(processed, total)` after each chunk."""
     positions, pc = marks or ((), None)
     end = len(tokens) - (drafter is None)
     cuts = sorted({*range(start, end, step), *(p for p in positions if start < p < end)}) + [end]
@@ -226,6 +232,8 @@ def _prefill(model, tokens, cache, drafter, step, start=0, marks=None):
         if pc is not None and e in positions:
             pc.tokens = tokens[:e]
             pc.checkpoint()
+        if progress is not None:
+            progress(e - start, len(tokens) - start)
     if drafter is None:
         h = model.hidden(mx.array([tokens[-1:]]), cache)
     return h
@@ -409,6 +417,7 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = KV_GROUP_SIZE,
     quantized_kv_start: int = QUANTIZED_KV_START,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream GenerationResponse objects like mlx_lm.stream_generate; `prompt` is a
     string (tokenized as is: apply a chat template first if you want one) or token ids.
@@ -438,6 +447,7 @@ def stream_generate(
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
+        prompt_progress_callback=prompt_progress_callback,
     )
     n = 0
     for n, (tok, logprobs, from_draft) in enumerate(gen, start=1):

@@ -100,6 +100,10 @@ class QueueFull(Exception):
     pass
 
 
+class Cancelled(Exception):
+    """Raised between prefill chunks once a job's client has left (see Engine.generate)."""
+
+
 class Job:
     def __init__(self, request: GenRequest, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -237,10 +241,13 @@ class Engine:
         if job is not None:
             job.cancel()
 
-    def generate(self, request: GenRequest) -> Iterator[GenerationResponse]:
+    def generate(self, request: GenRequest, cancelled=None) -> Iterator[GenerationResponse]:
         """Where a request's prompt meets its cache: the prompt cache store hands out the
         conversation sharing the longest prefix, and gets it back when the generation ends
-        (not after an error: its state is then unknown). Runs on the generation thread."""
+        (not after an error: its state is then unknown). With `cancelled` (a threading.Event),
+        the prefill stops at the next chunk once it is set (raising Cancelled); the prompt
+        cache keeps the chunks already run, so a client retrying the same prompt continues
+        there. Runs on the generation thread."""
         if self.distributed:
             shared = share_request(self.model, {**request.shared(), **self.kv})
             return stream_generate(self.model, self.tokenizer, **request_kwargs(shared))
@@ -264,6 +271,7 @@ class Engine:
             checkpoints=request.checkpoints,
             draft_min_confidence=request.draft_min_confidence,
             **self.kv,
+            prompt_progress_callback=None if cancelled is None else _stop_when(cancelled),
         )
         return gen if pc is None else self._returning(gen, pc)
 
@@ -274,7 +282,7 @@ class Engine:
                 self.cached_tokens = pc.cached_tokens
                 yield r
             ok = True
-        except GeneratorExit:
+        except (GeneratorExit, Cancelled):  # the caches hold what ran: consistent
             ok = True
             raise
         finally:
@@ -311,7 +319,7 @@ class Engine:
         n = 0
         finish = None
         r = None
-        gen = self.generate(req)
+        gen = self.generate(req, None if self.distributed else job.cancelled)
         try:
             for r in gen:
                 n = r.generation_tokens
@@ -331,6 +339,8 @@ class Engine:
                 if job.cancelled.is_set() and not self.distributed:
                     finish = "cancelled"
                     break
+        except Cancelled:
+            finish = "cancelled"
         finally:
             gen.close()
         if finish is None:  # the generator ended without a finish reason (cannot happen today)
@@ -368,3 +378,11 @@ class Engine:
             idx, vals = idx[order].tolist(), vals[order].tolist()
             top = [(t, self.tokenizer.decode([t]), v) for t, v in zip(idx, vals)]
         return TokenLogprob(r.token, self.tokenizer.decode([r.token]), lp[r.token].item(), top)
+
+
+def _stop_when(cancelled: threading.Event):
+    def progress(processed: int, total: int):
+        if cancelled.is_set():
+            raise Cancelled()
+
+    return progress
