@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_step35.prompt_cache import common_prefix
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -51,15 +53,6 @@ def serve(record: Path, argv):
 
     Engine.generate = recording
     server.main(argv)
-
-
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def analyse(requests, log_lines, tokenizer):

@@ -13,6 +13,7 @@ import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_util import running_server
+from test_server_chat import SCRIPT as CHAT_SCRIPT
 from test_server_chat import script_checkpoint
 
 from mlx_step35.chat_format import Delta, render_prompt
@@ -22,16 +23,7 @@ from mlx_step35.server.context import Settings
 from mlx_step35.server.engine import Failed, Finished, Piece
 from mlx_step35.server.responses_input import ResponsesRequest, ResponseStore, as_items, to_chat
 
-SCRIPT = [  # distinct vocabulary entries: the scripted chain never repeats a token
-    "Let me check",
-    " the weather.",
-    "\n</think>\n",
-    "I will call a tool.\n",
-    "<tool_call>\n",
-    "<function=get_weather>\n",
-    "<parameter=city>\nParis\n</parameter>\n",
-    "<parameter=days>\n3\n</parameter>\n",
-    "</function>\n</tool_call>",
+SCRIPT = CHAT_SCRIPT + [  # distinct vocabulary entries: the scripted chain never repeats a token
     "\n<tool_call>\n<function=multi_agent_v1__spawn_agent>\n",
     "<parameter=message>\nfind the forecast\n</parameter>\n",
     "</function>\n",
