@@ -1,6 +1,13 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from factory import make_checkpoint
+
+# generate.py and convert.py are scripts at the repository root: importable by every test file
+# (not only after another module that happens to put the root on sys.path is collected)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SLIDING_WINDOW = 8
 

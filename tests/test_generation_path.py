@@ -154,7 +154,7 @@ def test_closing_mid_step_leaves_trunk_caches_at_the_verified_tokens(perfect_mod
     caches = []
     real_make = Model.make_cache
     monkeypatch.setattr(
-        Model, "make_cache", lambda self, slack: caches.append(real_make(self, slack)) or caches[-1]
+        Model, "make_cache", lambda self, slack, **kw: caches.append(real_make(self, slack, **kw)) or caches[-1]
     )
     prompt = PROMPT[:10]
     gen = generate_step(perfect_model, prompt, max_tokens=40, draft_mtp=True, num_draft=3)
