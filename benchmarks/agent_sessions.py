@@ -45,8 +45,8 @@ def serve(record: Path, argv):
 
     generate = Engine.generate
 
-    def recording(self, request):
-        gen = generate(self, request)
+    def recording(self, request, cancelled=None):
+        gen = generate(self, request, cancelled)
         with record.open("a") as f:
             f.write(json.dumps({"prompt": list(request.prompt), "t": time.time()}) + "\n")
         return gen
