@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from spec_models import successor_model
-from test_speculative import PROMPT, chi2_sf, sampling_model, tokens_of
+from test_speculative import PROMPT, assert_same_distribution, chi2_sf, sampling_model, tokens_of
 
 from mlx_step35 import load, make_sampler
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
@@ -155,12 +155,7 @@ def test_gated_sampling_distribution_matches_plain(monkeypatch):
             [tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)]
         )
     assert 0 < stats.gated < stats.verify_steps and stats.drafted[0] > 0
-    for pos in range(1, T):
-        a = np.bincount(runs[False][:, pos], minlength=8)
-        b = np.bincount(runs[True][:, pos], minlength=8)
-        keep = (a + b) > 0
-        stat = float((((a - b) ** 2)[keep] / (a + b)[keep]).sum())
-        assert chi2_sf(stat, int(keep.sum()) - 1) > 1e-3, (pos, a, b)
+    assert_same_distribution(runs[False], runs[True])
 
 
 def feed(policy, rng, steps, accept_prob):
