@@ -6,7 +6,7 @@ effective scale (1 + w of the zero-centred checkpoint); the loader does that onc
 """
 
 from functools import lru_cache
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +20,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from .cache import FullKVCache, KVQuant, SlidingKVCache, attention
 from .config import ModelArgs
 from .fusion import project
+
+Row = Tuple[int, Any, Any]  # one packed sequence: (its number of tokens, its mask, its cache)
 
 
 class MLP(nn.Module):
@@ -222,25 +224,44 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
-        B, L, _ = x.shape
+        return self.rows(x, [(x.shape[1], mask, cache)])
+
+    def rows(self, x: mx.array, rows: Sequence[Row]) -> mx.array:
+        """Attention over packed sequences: x [B, T, dim] holds the tokens of each sequence
+        of `rows` (length, mask, cache) one after another. The projections run once over
+        all T tokens (one read of the weights); each sequence attends over its own cache."""
+        B, T, _ = x.shape
         (q, k, v, *g), merged = project(self, x)
-        if merged and L > 1:
+        if merged and T > 1:
             # Slices of the merged output have holes between rows; Metal's rms_norm would copy
             # them anyway: copy here, where the count of kernels sees it.
             q, k = mx.contiguous(q), mx.contiguous(k)
-        q = self.q_norm(q.reshape(B, L, self.num_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(k.reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_norm(q.reshape(B, T, self.num_heads, -1))
+        k = self.k_norm(k.reshape(B, T, self.num_kv_heads, -1))
+        v = v.reshape(B, T, self.num_kv_heads, -1)
+        if len(rows) == 1:
+            out = self._attend(q, k, v, *rows[0][1:])
+        else:
+            outs, s = [], 0
+            for n, mask, cache in rows:
+                outs.append(self._attend(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache))
+                s += n
+            out = mx.concatenate(outs, axis=1)
+        if self.use_gate:
+            out = _head_gate(out, g[0])
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask, cache):
+        """One sequence's queries, keys and values [B, L, heads, head_dim] (normed): RoPE at
+        the cache's offset, the cache updated, attention. Returns [B, L, heads, head_dim]."""
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         offset = (cache.offset if cache is not None else 0) + self.position_shift
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, self.scale, mask, getattr(cache, "quant", None))
-        out = out.transpose(0, 2, 1, 3)  # [B, L, heads, head_dim]
-        if self.use_gate:
-            out = _head_gate(out, g[0])
-        return self.o_proj(out.reshape(B, L, -1))
+        return out.transpose(0, 2, 1, 3)
 
 
 class DecoderLayer(nn.Module):
@@ -256,8 +277,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask=None, cache=None, rows: Optional[Sequence[Row]] = None) -> mx.array:
+        """One sequence (mask, cache), or packed sequences (`rows`: see Attention.rows)."""
+        rows = rows or [(x.shape[1], mask, cache)]
+        h = x + self.self_attn.rows(self.input_layernorm(x), rows)
         if isinstance(self.mlp, MoE):
             return self.mlp(self.post_attention_layernorm(h), residual=h)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -305,16 +328,26 @@ class Step3p5Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         """Hidden states after the last layer, before the final norm: [B, L, H]."""
+        return self.packed(inputs, [(inputs.shape[1], cache)])
+
+    def packed(self, inputs: mx.array, seqs: Sequence[Tuple[int, Optional[List[Any]]]]) -> mx.array:
+        """Several sequences in one pass: inputs [B, T] holds the tokens of each of `seqs`
+        (length, its caches) one after another; returns their hidden states [B, T, H] in the
+        same order. Everything but attention runs once over all T tokens."""
         h = self.embed_tokens(inputs)
-        cache = cache or [None] * len(self.layers)
-        masks = {
-            sliding: create_attention_mask(
-                h, cache[i], window_size=self.args.sliding_window if sliding else None
-            )
-            for sliding, i in self._first.items()
-        }
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, masks[layer.is_sliding], c)
+        per_layer = []
+        for n, cache in seqs:
+            cache = cache or [None] * len(self.layers)
+            hs = h if len(seqs) == 1 else h[:, :n]  # its shape is what a mask needs
+            masks = {
+                sliding: create_attention_mask(
+                    hs, cache[i], window_size=self.args.sliding_window if sliding else None
+                )
+                for sliding, i in self._first.items()
+            }
+            per_layer.append([(n, masks[layer.is_sliding], c) for layer, c in zip(self.layers, cache)])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rows=[rows[i] for rows in per_layer])
         return h
 
 
@@ -342,6 +375,10 @@ class Model(nn.Module):
     def hidden(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         """Trunk hidden states before the final norm (what the MTP blocks read)."""
         return self.model(inputs, cache)
+
+    def packed(self, inputs: mx.array, seqs: Sequence[Tuple[int, Optional[List[Any]]]]) -> mx.array:
+        """Trunk hidden states of several sequences in one pass (see Step3p5Model.packed)."""
+        return self.model.packed(inputs, seqs)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.lm_head(self.model.norm(hidden))

@@ -46,10 +46,29 @@ class Sampler:
             return (mx.arange(V) == logprobs.argmax(axis=-1, keepdims=True)).astype(mx.float32)
         return mx.softmax(self.filtered(logprobs).astype(mx.float32) / self.temp, axis=-1)
 
-    def __call__(self, logprobs: mx.array) -> mx.array:
+    def __call__(self, logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
+        """A token drawn from the distribution (`key`: an explicit random key, else MLX's
+        global generator); greedy: the argmax."""
         if self.greedy:
             return logprobs.argmax(axis=-1)
-        return mx.random.categorical(self.filtered(logprobs) * (1 / self.temp))
+        return mx.random.categorical(self.filtered(logprobs) * (1 / self.temp), key=key)
+
+
+class RandomStream:
+    """One generation's own random numbers. Called, it returns the next key: with a seed,
+    keys split off `mx.random.key(seed)` exactly as MLX's global generator splits its key
+    after `mx.random.seed(seed)` (so a seeded generation draws what it would draw alone,
+    whatever runs beside it in a batch); without one, None: the draw then uses MLX's global
+    generator, as mlx-lm's samplers do."""
+
+    def __init__(self, seed: Optional[int] = None):
+        self.key = None if seed is None else mx.random.key(seed)
+
+    def __call__(self) -> Optional[mx.array]:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
 
 
 def make_sampler(
@@ -84,4 +103,4 @@ def process(logits: mx.array, history, processors: Optional[List[LogitsProcessor
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-__all__ = ["Sampler", "make_sampler", "make_logits_processors", "process"]
+__all__ = ["RandomStream", "Sampler", "make_sampler", "make_logits_processors", "process"]

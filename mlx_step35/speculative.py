@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from .cache import KVQuant, rewind
 from .lockstep import lockstep
-from .sampling import Sampler, process
+from .sampling import RandomStream, Sampler, process
 
 PREFILL_STEP = 2048  # prompt tokens per prefill chunk, as mlx-lm
 
@@ -146,7 +146,13 @@ class MTPDrafter:
             self.hidden[self.K] = last[:, -1:]
 
     def draft(
-        self, seq: List[int], n: int, sampler: Sampler, processors=None, min_confidence: float = 0.0
+        self,
+        seq: List[int],
+        n: int,
+        sampler: Sampler,
+        processors=None,
+        min_confidence: float = 0.0,
+        rng: Optional[RandomStream] = None,
     ) -> Tuple[mx.array, List[mx.array], mx.array]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
         verified token). Returns the drafts as an int32 array [m <= n], per draft the
@@ -156,7 +162,8 @@ class MTPDrafter:
         With `min_confidence` > 0 the chain stops before the first block whose confidence is
         below it: that block's draft is not kept (one host sync per block; rank 0 decides).
         Without the gate nothing waits: each draft is queued (`mx.async_eval`) as soon as it
-        is built."""
+        is built. Sampled drafts draw their keys from `rng` (default: MLX's global generator)."""
+        rng = rng or RandomStream()
         self.commit(seq, n)
         P = self.done[0]
         if len(seq) != P + 1:
@@ -178,9 +185,9 @@ class MTPDrafter:
                 hist = mx.concatenate([history] + drafts) if processors else None
                 lp = process(logits, hist, processors)
                 dist = None if sampler.greedy else sampler.probs(lp)
-                tok = (lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist))).astype(
-                    mx.int32
-                )
+                tok = (
+                    lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist), key=rng())
+                ).astype(mx.int32)
                 conf = confidence(dist, lp, sampler, chain)
                 confs.append(conf)
                 if min_confidence > 0:  # rank 0's draft and verdict, on every rank
@@ -235,7 +242,13 @@ def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:
     return mx.concatenate([a, b], axis=1)
 
 
-def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler: Sampler) -> Tuple[int, int]:
+def accept(
+    drafts: mx.array,
+    dists: List[mx.array],
+    logprobs: mx.array,
+    sampler: Sampler,
+    rng: Optional[RandomStream] = None,
+) -> Tuple[int, int]:
     """Lossless acceptance (Leviathan et al. / Chen et al.), evaluated in one sync.
 
     `logprobs` [n+1, V] are the trunk's processed log-probabilities at the n draft
@@ -247,7 +260,8 @@ def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler:
     (`logprobs` come from an (n+1)-row pass: in bf16 or fp16 on any backend, and on Metal in
     any dtype, its rounding can differ from a one-row pass's, so at a near-tie its argmax can
     differ from plain decoding's; in float32 on the CPU backend it does not.)
-    Returns (number of drafts accepted, the token that follows them).
+    Returns (number of drafts accepted, the token that follows them). Random keys come
+    from `rng` (default: MLX's global generator).
     """
     n = drafts.shape[0]
     if sampler.greedy:
@@ -256,17 +270,18 @@ def accept(drafts: mx.array, dists: List[mx.array], logprobs: mx.array, sampler:
         t, d = target.tolist(), drafts.tolist()
         n_acc = next((i for i in range(n) if d[i] != t[i]), n)
         return n_acc, t[n_acc]
+    rng = rng or RandomStream()
     p = sampler.probs(logprobs)  # [n+1, V]
-    bonus = mx.random.categorical(mx.log(p[n]))
+    bonus = mx.random.categorical(mx.log(p[n]), key=rng())
     if n == 0:
         return 0, int(bonus.item())
     q = mx.concatenate(dists)  # [n, V]
     idx = drafts[:, None]
     ratio = mx.take_along_axis(p[:n], idx, axis=-1)[:, 0] / mx.take_along_axis(q, idx, axis=-1)[:, 0]
-    ok = mx.random.uniform(shape=(n,)) < ratio
+    ok = mx.random.uniform(shape=(n,), key=rng()) < ratio
     residual = mx.maximum(p[:n] - q, 0)
     mass = residual.sum(axis=-1)
-    resample = mx.random.categorical(mx.log(mx.where(mass[:, None] > 0, residual, p[:n])))
+    resample = mx.random.categorical(mx.log(mx.where(mass[:, None] > 0, residual, p[:n])), key=rng())
     mx.eval(ok, resample, bonus)
     ok = ok.tolist()
     n_acc = next((i for i in range(n) if not ok[i]), n)

@@ -57,8 +57,8 @@ def test_gated_greedy_identical_and_chains_stop_at_the_first_unsure_block(which,
     calls = []
     original = MTPDrafter.draft
 
-    def spy(self, seq, n, sampler, processors=None, min_confidence=0.0):
-        drafts, dists, confs = original(self, seq, n, sampler, processors, min_confidence)
+    def spy(self, seq, n, sampler, processors=None, min_confidence=0.0, rng=None):
+        drafts, dists, confs = original(self, seq, n, sampler, processors, min_confidence, rng)
         calls.append((list(seq), n, drafts.tolist(), confs.tolist(), min_confidence))
         return drafts, dists, confs
 

@@ -154,7 +154,9 @@ def test_closing_mid_step_leaves_trunk_caches_at_the_verified_tokens(perfect_mod
     caches = []
     real_make = Model.make_cache
     monkeypatch.setattr(
-        Model, "make_cache", lambda self, slack, **kw: caches.append(real_make(self, slack, **kw)) or caches[-1]
+        Model,
+        "make_cache",
+        lambda self, slack, **kw: caches.append(real_make(self, slack, **kw)) or caches[-1],
     )
     prompt = PROMPT[:10]
     gen = generate_step(perfect_model, prompt, max_tokens=40, draft_mtp=True, num_draft=3)
@@ -177,8 +179,8 @@ def test_near_ties_script_reports_where_drafting_parts_ways(tiny_ckpt, tmp_path,
     assert "0 of 2 prompts diverged within 12 tokens" in capsys.readouterr().out
     real_accept = generation.accept
 
-    def second_choice(drafts, dists, lp, sampler):  # a verify pass whose argmax is the runner-up
-        n_acc, _ = real_accept(drafts, dists, lp, sampler)
+    def second_choice(drafts, dists, lp, sampler, rng=None):  # a verify pass whose argmax is the runner-up
+        n_acc, _ = real_accept(drafts, dists, lp, sampler, rng)
         return n_acc, int(mx.argsort(lp[n_acc])[-2].item())
 
     monkeypatch.setattr(generation, "accept", second_choice)

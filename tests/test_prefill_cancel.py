@@ -33,7 +33,9 @@ def tokens(model, prompt, **kw):
 def test_progress_per_chunk_and_a_stopped_prefill_resumes_exactly(model, draft):
     m = model[0]
     seen = []
-    cold = tokens(m, PROMPT, prefill_step_size=STEP, prompt_progress_callback=lambda *a: seen.append(a), **draft)
+    cold = tokens(
+        m, PROMPT, prefill_step_size=STEP, prompt_progress_callback=lambda *a: seen.append(a), **draft
+    )
     n = len(PROMPT) - (not draft)  # without a drafter the last prompt token runs with the first step
     assert seen == [(min(e, n), len(PROMPT)) for e in range(STEP, n + STEP, STEP)]
 
@@ -43,7 +45,14 @@ def test_progress_per_chunk_and_a_stopped_prefill_resumes_exactly(model, draft):
 
     pc = make_prompt_cache(m, draft_mtp=bool(draft))
     with pytest.raises(Stop):
-        tokens(m, PROMPT, prefill_step_size=STEP, prompt_cache=pc, prompt_progress_callback=stop_after_two, **draft)
+        tokens(
+            m,
+            PROMPT,
+            prefill_step_size=STEP,
+            prompt_cache=pc,
+            prompt_progress_callback=stop_after_two,
+            **draft,
+        )
     assert pc.tokens == PROMPT[: 2 * STEP] and all(c.offset == 2 * STEP for c in pc.cache)
     assert tokens(m, PROMPT, prefill_step_size=STEP, prompt_cache=pc, **draft) == cold
     assert pc.cached_tokens == 2 * STEP

@@ -7,8 +7,9 @@ from factory import make_checkpoint
 from spec_models import successor_model
 
 from mlx_step35 import cache_files, load
-from mlx_step35.generation import CHECKPOINT_BEFORE_END, generate_step
+from mlx_step35.generation import generate_step
 from mlx_step35.prompt_cache import (
+    CHECKPOINT_BEFORE_END,
     PromptCacheError,
     PromptCacheStore,
     load_prompt_cache,

@@ -4,6 +4,7 @@ to plain in-process decoding, streaming, usage, logprobs, stops, bad input, load
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -284,6 +285,14 @@ def test_chat_bad_input_is_400_then_next_chat_works(url, body, words):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def wait_idle(url):
+    """Until the generation thread is idle (nothing running or queued)."""
+    for _ in range(300):
+        if metric(url, "requests_running") == 0 and metric(url, "queue_depth") == 0:
+            return
+        time.sleep(0.1)
+
+
 def metric(url, name):
     text = httpx.get(url + "/metrics").text
     m = re.search(rf"^mlx_step35_{name} (\S+)$", text, re.M)
@@ -308,6 +317,7 @@ def test_16_concurrent_streaming_clients(url, reference):
         async with httpx.AsyncClient(timeout=300) as client:
             return await asyncio.gather(*(client_run(client, i) for i in range(16)))
 
+    wait_idle(url)  # requests of earlier tests that still run (decoded together) are not counted
     before = metric(url, "generation_tokens_total")
     results = asyncio.run(main())
     for i, runs in enumerate(results):
@@ -332,10 +342,7 @@ def test_disconnects_mid_stream_cancel_generation(url):
     before = metric(url, "generation_tokens_total")
     cancelled = metric(url, "cancelled_total")
     asyncio.run(main())
-    for _ in range(300):  # wait until the generation thread is idle
-        if metric(url, "requests_running") == 0 and metric(url, "queue_depth") == 0:
-            break
-        asyncio.run(asyncio.sleep(0.1))
+    wait_idle(url)
     # each of the (up to 6) started jobs stopped within a step or so of its client's hang-up
     assert metric(url, "generation_tokens_total") - before < 6 * 40
     assert metric(url, "cancelled_total") > cancelled

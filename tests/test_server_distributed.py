@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -80,7 +81,8 @@ def served(ckpt):
 
 
 def complete(url, **extra):
-    body = dict(prompt=PROMPT, max_tokens=GEN, temperature=0, return_token_ids=True, **extra)
+    body = dict(prompt=PROMPT, max_tokens=GEN, temperature=0, return_token_ids=True)
+    body.update(extra)
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]
@@ -101,6 +103,29 @@ def test_stop_string_and_a_client_that_left_keep_the_ranks_in_step(served, one_p
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         next(r.iter_lines())  # one chunk, then the client goes away
     assert complete(url)["token_ids"] == one_process
+
+
+def test_concurrent_requests_share_passes_across_ranks(served, ckpt):
+    """Three requests at once, decoded together by both ranks (rank 0's plan each step): each
+    gets what it gets alone in one process, and passes carried several rows."""
+    model, tok = load(ckpt)
+    prompts = [PROMPT, list(range(40, 52)), list(range(7, 60, 2))]
+    drafts = [0, 2, 3]
+    alone = [
+        [r.token for r in stream_generate(model, tok, p, GEN, draft_mtp=n > 0, num_draft=n or 1)]
+        for p, n in zip(prompts, drafts)
+    ]
+    url, _ = served
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda pn: complete(url, prompt=pn[0], num_draft=pn[1]), zip(prompts, drafts)))
+    assert [g["token_ids"] for g in got] == alone
+    metrics = httpx.get(url + "/metrics").text
+    rows = [
+        int(line.split('rows="')[1].split('"')[0])
+        for line in metrics.splitlines()
+        if "batch_passes_total{" in line
+    ]
+    assert max(rows) >= 2
 
 
 def test_ctrl_c_ends_both_ranks(served):

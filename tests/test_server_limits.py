@@ -2,6 +2,7 @@
 Retry-After), CORS only for --allowed-origins, each followed by a request that succeeds; Ctrl-C.
 This server also keeps its routed experts on disk (--expert-cache-gb): output unchanged."""
 
+import contextlib
 import signal
 import threading
 
@@ -17,6 +18,7 @@ ORIGIN = "http://editor.example"
 @pytest.fixture(scope="module")
 def url():
     args = ["--api-key", KEY, "--max-queue", "1", "--max-body-bytes", "4096", "--allowed-origins", ORIGIN]
+    args += ["--decode-concurrency", "2"]
     args += ["--expert-cache-gb", "0.001", "--num-draft", "2"]
     with running_server(args) as u:
         yield u
@@ -75,17 +77,21 @@ def test_cors_only_for_allowed_origins(url):
 
 
 def test_full_queue_is_503_with_retry_after(url):
+    """Two requests generate together (--decode-concurrency 2), a third waits (--max-queue 1),
+    a fourth is refused."""
     long = {"prompt": "def f(x):", "max_tokens": 3000, "stream": True}
-    with httpx.Client(timeout=60, headers=AUTH) as a, httpx.Client(timeout=60, headers=AUTH) as b:
-        with a.stream("POST", url + "/v1/completions", json=long) as running:
-            lines = running.iter_lines()
-            assert next(ln for ln in lines if ln.startswith("data: "))  # generating now
-            with b.stream("POST", url + "/v1/completions", json=long) as queued:  # fills the queue of 1
-                assert queued.status_code == 200
-                r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers=AUTH)
-                assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
-                assert "queue is full" in r.json()["error"]["message"]
-    # both hung up: their jobs are cancelled and the queue drains
+    with contextlib.ExitStack() as stack:
+        for _ in range(2):
+            client = stack.enter_context(httpx.Client(timeout=60, headers=AUTH))
+            running = stack.enter_context(client.stream("POST", url + "/v1/completions", json=long))
+            assert next(ln for ln in running.iter_lines() if ln.startswith("data: "))  # generating now
+        client = stack.enter_context(httpx.Client(timeout=60, headers=AUTH))
+        queued = stack.enter_context(client.stream("POST", url + "/v1/completions", json=long))
+        assert queued.status_code == 200  # fills the queue of 1
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers=AUTH)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+        assert "queue is full" in r.json()["error"]["message"]
+    # all hung up: their jobs are cancelled and the queue drains
     for _ in range(100):
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
         if r.status_code == 200:

@@ -134,7 +134,7 @@ def test_auto_without_drafts_does_the_work_of_plain_decoding(mixed_model, monkey
     original_run, original_cache, original_choose = generation._plain_run, Model.make_cache, AutoDraft.choose
 
     def run_spy(*args, **kw):
-        runs.append(args[5])  # count
+        runs.append(args[3])  # count
         return (yield from original_run(*args, **kw))
 
     monkeypatch.setattr(generation, "_plain_run", run_spy)
@@ -181,8 +181,8 @@ def drafts_vs_teacher_forced(model, monkeypatch, **kw):
     calls = []
     original = MTPDrafter.draft
 
-    def spy(self, seq, n, sampler, processors=None, min_confidence=0.0):
-        drafts, dists, confs = original(self, seq, n, sampler, processors, min_confidence)
+    def spy(self, seq, n, sampler, processors=None, min_confidence=0.0, rng=None):
+        drafts, dists, confs = original(self, seq, n, sampler, processors, min_confidence, rng)
         calls.append((list(seq), drafts.tolist()))
         return drafts, dists, confs
 

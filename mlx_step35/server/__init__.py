@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..batch import DECODE_CONCURRENCY, PROMPT_CONCURRENCY
 from ..cli import ArgumentParser, add_kv_arguments, kv_arguments, user_errors
 from ..distributed import exit_when_terminated, peer_errors, world
 from ..expert_cache import add_expert_cache_arguments
-from ..follow import follow
+from ..follow import follow, follow_batch
 from ..generation import GATE_DEFAULT, MAX_DRAFT, NUM_DRAFT, parse_min_confidence
 from ..prompt_cache import PromptCacheStore, default_store_gb
 from ..sampling import Sampler
@@ -87,6 +88,23 @@ def parser() -> ArgumentParser:
         f"[0, 1); 0 = never; auto (default): learnt with the depth under --num-draft auto, {GATE_DEFAULT} "
         "at a fixed depth; a request's draft_min_confidence overrides it. Output is unchanged",
     )
+    p.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=DECODE_CONCURRENCY,
+        metavar="N",
+        help="requests generated together, one trunk pass per step for all of them, each drafting "
+        "with its own depth (default %(default)s, as mlx_lm.server); 1: one request at a time. A "
+        "request waits in the queue while the KV of those running would not fit in memory",
+    )
+    p.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=PROMPT_CONCURRENCY,
+        metavar="N",
+        help="prompts prefilled together, in chunks interleaved with the others' decoding steps "
+        "(default %(default)s)",
+    )
     add_kv_arguments(p)
     return p
 
@@ -101,6 +119,8 @@ def main(argv=None):
         ("--max-body-bytes", a.max_body_bytes, 1),
         ("--expert-cache-gb", 1 if a.expert_cache_gb is None else a.expert_cache_gb, 1e-9),
         ("--port", a.port, 0),
+        ("--decode-concurrency", a.decode_concurrency, 1),
+        ("--prompt-concurrency", a.prompt_concurrency, 1),
     ):
         if value < low:
             p.error(f"{flag} must be at least {low}")
@@ -139,7 +159,10 @@ def main(argv=None):
     if rank != 0:  # the other ranks run each request rank 0 shares, until it stops
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 shuts down, then tells them
         with user_errors(p.prog), peer_errors(rank):
-            follow(model, tokenizer)
+            if a.decode_concurrency > 1:
+                follow_batch(model, tokenizer, **kv_arguments(a))
+            else:
+                follow(model, tokenizer)
         return
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else DEMO_ID)
     settings = Settings(
@@ -168,6 +191,8 @@ def main(argv=None):
         prompt_cache_dir=a.prompt_cache_dir,
         distributed=group is not None,
         kv=kv_arguments(a),
+        decode_concurrency=a.decode_concurrency,
+        prompt_concurrency=a.prompt_concurrency,
     )
 
 
@@ -198,10 +223,13 @@ def serve(
     prompt_cache_dir=None,
     distributed: bool = False,
     kv: Optional[dict] = None,
+    decode_concurrency: int = DECODE_CONCURRENCY,
+    prompt_concurrency: int = PROMPT_CONCURRENCY,
 ):
     """Run the server on `sock` (default: bound to host:port) until Ctrl-C / SIGTERM (blocking).
     With `prompt_cache_gb` > 0, conversations' caches are reused across requests. `kv`:
-    generate_step's kv_bits, kv_group_size, quantized_kv_start for every request."""
+    generate_step's kv_bits, kv_group_size, quantized_kv_start for every request;
+    `decode_concurrency` / `prompt_concurrency`: see --decode-concurrency / --prompt-concurrency."""
     import uvicorn
 
     sock = sock or bind(host, port)
@@ -214,7 +242,16 @@ def serve(
             directory=prompt_cache_dir,
             **(kv or {}),
         )
-    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache=store, distributed=distributed, kv=kv)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_queue=max_queue,
+        prompt_cache=store,
+        distributed=distributed,
+        kv=kv,
+        decode_concurrency=decode_concurrency,
+        prompt_concurrency=prompt_concurrency,
+    )
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5

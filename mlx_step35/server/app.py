@@ -212,7 +212,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(engine.queue_depth(), int(engine.busy))
+        text = metrics.render(engine.queue_depth(), engine.running(), engine.batch_sizes())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)

@@ -34,11 +34,8 @@ class Settings:
     draft_min_confidence: Union[float, str] = DRAFT_MIN_CONFIDENCE
 
 
-
-
 def error(status: int, message: str, param=None, kind="invalid_request_error", code=None, headers=None):
     return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
-
 
 
 class Context:
@@ -184,5 +181,3 @@ async def keep_alive(chunks, every_s: float):
 
 def failed_response(ev: Failed):
     return error(500, ev.message, kind="server_error")
-
-

@@ -7,10 +7,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import mlx.core as mx
 
+from ..batch import DECODE_CONCURRENCY, PROMPT_CONCURRENCY, BatchEngine, BatchRequest
 from ..follow import request_kwargs
 from ..generation import GenerationResponse, stream_generate
 from ..lockstep import share_request
@@ -162,7 +163,8 @@ class StopStrings:
 
 
 class Engine:
-    """Owns the model; runs queued jobs one at a time on its own thread."""
+    """Owns the model; runs queued jobs on its own thread: up to `decode_concurrency` of them
+    together in the batch engine (see batch.BatchEngine), or one at a time."""
 
     def __init__(
         self,
@@ -174,8 +176,15 @@ class Engine:
         prompt_cache=None,
         distributed=False,
         kv: Optional[dict] = None,
+        decode_concurrency: int = DECODE_CONCURRENCY,
+        prompt_concurrency: int = PROMPT_CONCURRENCY,
     ):
         self.model = model
+        # Requests decoded together by the batch engine (under tensor parallelism the other ranks
+        # follow its plans: follow.follow_batch); 1: one at a time through stream_generate.
+        self.decode_concurrency = decode_concurrency
+        self.prompt_concurrency = prompt_concurrency
+        self.batch: Optional[BatchEngine] = None  # made on the generation thread
         # the KV format of every generation (kv_bits, kv_group_size, quantized_kv_start): server-wide,
         # as the prompt cache store keeps one format
         self.kv = dict(kv or {})
@@ -187,10 +196,12 @@ class Engine:
         self.distributed = distributed
         self.prompt_cache = prompt_cache  # a PromptCacheStore, or None: every prompt from scratch
         self.cached_tokens = 0  # of the job being served
+        self.max_queue = max_queue
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self.busy = False
         self._current: Optional[Job] = None
+        self._serving: Dict[int, "Serving"] = {}  # batch row uid -> its job's handler
         self.stopping = False
         self.thread.start()
 
@@ -201,6 +212,8 @@ class Engine:
     def submit(self, request: GenRequest, loop) -> Job:
         if self.stopping:
             raise QueueFull()
+        if self.batch is not None and self.queue_depth() >= self.max_queue:
+            raise QueueFull()  # (the batch engine takes jobs from the queue at once: count its waiting ones)
         job = Job(request, loop)
         try:
             self.queue.put_nowait(job)
@@ -209,7 +222,20 @@ class Engine:
         return job
 
     def queue_depth(self) -> int:
-        return self.queue.qsize()
+        """Requests not yet generating: in the queue, and admitted to the batch but waiting
+        for room (decode slots or memory)."""
+        waiting = len(self.batch.waiting) if self.batch is not None else 0
+        return self.queue.qsize() + waiting
+
+    def batch_sizes(self) -> Dict[int, int]:
+        """Trunk passes by the number of rows they carried (the batch engine's; empty one at a time)."""
+        return dict(self.batch.batch_sizes) if self.batch is not None else {}
+
+    def running(self) -> int:
+        """Requests being generated (prefilling or decoding)."""
+        if self.batch is not None:
+            return len(self.batch.running)
+        return int(self.busy)
 
     def stop(self):
         """Fail what is queued, cancel the running job at its next token, and let the thread
@@ -240,6 +266,8 @@ class Engine:
         job = self._current
         if job is not None:
             job.cancel()
+        for serving in list(self._serving.values()):
+            serving.job.cancel()
 
     def generate(self, request: GenRequest, cancelled=None) -> Iterator[GenerationResponse]:
         """Where a request's prompt meets its cache: the prompt cache store hands out the
@@ -251,8 +279,6 @@ class Engine:
         if self.distributed:
             shared = share_request(self.model, {**request.shared(), **self.kv})
             return stream_generate(self.model, self.tokenizer, **request_kwargs(shared))
-        if request.seed is not None:
-            mx.random.seed(request.seed)
         pc, prompt = None, request.prompt
         if self.prompt_cache is not None and (self.prompt_cache.draft_mtp or not request.draft_mtp):
             # (a server started with --no-draft-mtp keeps no MTP state: a request that drafts
@@ -270,6 +296,7 @@ class Engine:
             prompt_cache=pc,
             checkpoints=request.checkpoints,
             draft_min_confidence=request.draft_min_confidence,
+            seed=request.seed,
             **self.kv,
             prompt_progress_callback=None if cancelled is None else _stop_when(cancelled),
         )
@@ -291,11 +318,22 @@ class Engine:
                 self.prompt_cache.release(pc)
 
     def _run(self):
+        try:
+            if self.decode_concurrency > 1:
+                self._run_batch()
+            else:
+                self._run_one_at_a_time()
+        finally:
+            if self.distributed:  # the other ranks stop following
+                if self.batch is not None:
+                    self.batch.stop_followers()
+                else:
+                    share_request(self.model, None)
+
+    def _run_one_at_a_time(self):
         while True:
             job = self.queue.get()
             if job is None:
-                if self.distributed:
-                    share_request(self.model, None)  # the other ranks stop following
                 return
             if job.cancelled.is_set():
                 continue
@@ -311,62 +349,117 @@ class Engine:
                 self._current = None
 
     def _serve(self, job: Job):
-        req = job.request
-        start = time.perf_counter()
-        first = last = None
-        stops = StopStrings(req.stop)
-        self.cached_tokens = 0
-        n = 0
-        finish = None
-        r = None
-        gen = self.generate(req, None if self.distributed else job.cancelled)
+        """Generate one job alone, to its end (or its client's leaving)."""
+        serving = Serving(self, job)
+        gen = self.generate(job.request, None if self.distributed else job.cancelled)
         try:
             for r in gen:
-                n = r.generation_tokens
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-                    if self.metrics:
-                        self.metrics.first_token(first - start)
-                text, hit = stops.feed(r.text)
-                finish = "stop" if hit else r.finish_reason
-                if finish and not hit:
-                    text += stops.flush()
-                lps = [self._logprob(r, req.top_logprobs)] if req.top_logprobs is not None else []
-                job.emit(Piece(text, [r.token], lps))
-                if finish:
+                if serving.on_response(r):
                     break
                 if job.cancelled.is_set() and not self.distributed:
-                    finish = "cancelled"
+                    serving.finish = "cancelled"
                     break
         except Cancelled:
-            finish = "cancelled"
+            serving.finish = "cancelled"
         finally:
             gen.close()
-        if finish is None:  # the generator ended without a finish reason (cannot happen today)
-            finish = "length"
-        stats = r.stats if r is not None else SpecStats()
-        done = Finished(
-            finish_reason=finish,
-            prompt_tokens=len(req.prompt),
-            completion_tokens=n,
-            cached_tokens=self.cached_tokens,
-            queued_s=start - job.created,
-            prompt_s=(first or time.perf_counter()) - start,
-            decode_s=(last - first) if first is not None else 0.0,
-            stats=stats,
+        serving.done()
+
+    def _run_batch(self):
+        """The batch loop: new jobs join between steps, each step advances every running row."""
+        self.batch = batch = BatchEngine(
+            self.model,
+            self.tokenizer,
+            decode_concurrency=self.decode_concurrency,
+            prompt_concurrency=self.prompt_concurrency,
+            **self.kv,
         )
-        if self.metrics:
-            self.metrics.finished(done)
-        log.info(  # one line per request: how much of each prompt the prompt cache saved
-            "finished (%s): %d prompt tokens, %d of them cached; %d generated; %.2f s to the first token",
-            finish,
-            done.prompt_tokens,
-            done.cached_tokens,
-            n,
-            done.prompt_s,
+        stopping = False
+        while not (stopping and not batch.running and not batch.waiting):
+            idle = not batch.running and not batch.waiting
+            while not stopping:
+                try:
+                    job = self.queue.get(block=idle)
+                except queue.Empty:
+                    break
+                idle = False
+                if job is None:
+                    stopping = True
+                elif not job.cancelled.is_set():
+                    self._join(job)
+            for serving in self._serving.values():
+                if serving.job.cancelled.is_set() and not serving.row.cancelled:
+                    serving.finish = serving.finish or "cancelled"
+                    batch.cancel(serving.row)
+            if not batch.running and not batch.waiting:
+                continue
+            try:
+                events = batch.step()
+            except Exception as e:  # the batch's state is unknown: fail its requests, start afresh
+                log.exception("generation failed")
+                for serving in self._serving.values():
+                    serving.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                self._serving.clear()
+                batch.close()
+                self.batch = batch = BatchEngine(
+                    self.model,
+                    self.tokenizer,
+                    decode_concurrency=self.decode_concurrency,
+                    prompt_concurrency=self.prompt_concurrency,
+                    **self.kv,
+                )
+                continue
+            for row, responses in events:
+                serving = self._serving.get(row.uid)
+                if serving is None:
+                    continue
+                if serving.started is None:
+                    serving.started = row.started or time.perf_counter()
+                for r in responses:
+                    if serving.finish is None and serving.on_response(r) and not row.done:
+                        batch.cancel(row)  # a stop string: the row ends before the next pass
+                if serving.finish and not serving.reported:
+                    serving.done()
+                if row.done:
+                    self._leave(serving, row)
+        batch.close()
+
+    def _join(self, job: Job):
+        req = job.request
+        pc, prompt = None, req.prompt
+        if self.prompt_cache is not None and (self.prompt_cache.draft_mtp or not req.draft_mtp):
+            pc, prompt = self.prompt_cache.acquire(req.prompt)
+        row = self.batch.insert(
+            BatchRequest(
+                prompt,
+                req.max_tokens,
+                sampler=req.sampler,
+                logits_processors=req.processors,
+                draft_mtp=req.draft_mtp,
+                num_draft=req.num_draft,
+                draft_min_confidence=req.draft_min_confidence,
+                seed=req.seed,
+                prompt_cache=pc,
+                checkpoints=req.checkpoints,
+            ),
+            shared={**req.shared(), **self.kv} if self.distributed else None,
         )
-        job.emit(Failed("the server is shutting down") if finish == "cancelled" and self.stopping else done)
+        serving = Serving(self, job, row, pc)
+        serving.started = None  # the clock starts when the row is admitted
+        self._serving[row.uid] = serving
+
+    def _leave(self, serving: "Serving", row):
+        """A row has left the batch: its prompt cache goes back to the store (its caches are
+        consistent: the batch ended the row between passes)."""
+        del self._serving[row.uid]
+        if row.error:
+            serving.job.emit(Failed(row.error))
+            return
+        if serving.pc is not None:
+            self.prompt_cache.release(serving.pc)
+        if not serving.reported:
+            serving.finish = serving.finish or row.finish
+            serving.done()
 
     def _logprob(self, r: GenerationResponse, k: int) -> TokenLogprob:
         lp = r.logprobs.astype(mx.float32)
@@ -378,6 +471,68 @@ class Engine:
             idx, vals = idx[order].tolist(), vals[order].tolist()
             top = [(t, self.tokenizer.decode([t]), v) for t, v in zip(idx, vals)]
         return TokenLogprob(r.token, self.tokenizer.decode([r.token]), lp[r.token].item(), top)
+
+
+class Serving:
+    """One job's generation as its client sees it: text held back while a stop string may be
+    starting, logprobs, the first token's time, and the final Finished event (with metrics and
+    a log line). Fed GenerationResponses by either loop of the Engine."""
+
+    def __init__(self, engine: Engine, job: Job, row=None, pc=None):
+        self.engine, self.job, self.row, self.pc = engine, job, row, pc
+        self.started = time.perf_counter()
+        self.first = self.last = None
+        self.stops = StopStrings(job.request.stop)
+        self.finish: Optional[str] = None
+        self.n = 0
+        self.r: Optional[GenerationResponse] = None
+        self.reported = False  # the Finished event is out
+
+    def on_response(self, r: GenerationResponse) -> bool:
+        """Emit the response's text; True once the generation is finished."""
+        req, metrics = self.job.request, self.engine.metrics
+        self.r, self.n = r, r.generation_tokens
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = self.last
+            if metrics:
+                metrics.first_token(self.first - self.started)
+        text, hit = self.stops.feed(r.text)
+        self.finish = "stop" if hit else r.finish_reason
+        if self.finish and not hit:
+            text += self.stops.flush()
+        lps = [self.engine._logprob(r, req.top_logprobs)] if req.top_logprobs is not None else []
+        self.job.emit(Piece(text, [r.token], lps))
+        return self.finish is not None
+
+    def done(self):
+        self.reported = True
+        req, engine = self.job.request, self.engine
+        finish = self.finish or "length"  # (a generator that ends without a reason: cannot happen today)
+        cached = self.r.cached_tokens if self.r is not None else (self.pc.cached_tokens if self.pc else 0)
+        started = self.started if self.started is not None else time.perf_counter()
+        done = Finished(
+            finish_reason=finish,
+            prompt_tokens=len(req.prompt),
+            completion_tokens=self.n,
+            cached_tokens=cached,
+            queued_s=started - self.job.created,
+            prompt_s=(self.first or time.perf_counter()) - started,
+            decode_s=(self.last - self.first) if self.first is not None else 0.0,
+            stats=self.r.stats if self.r is not None else SpecStats(),
+        )
+        if engine.metrics:
+            engine.metrics.finished(done)
+        log.info(  # one line per request: how much of each prompt the prompt cache saved
+            "finished (%s): %d prompt tokens, %d of them cached; %d generated; %.2f s to the first token",
+            finish,
+            done.prompt_tokens,
+            done.cached_tokens,
+            self.n,
+            done.prompt_s,
+        )
+        stopping = finish == "cancelled" and engine.stopping
+        self.job.emit(Failed("the server is shutting down") if stopping else done)
 
 
 def _stop_when(cancelled: threading.Event):

@@ -58,7 +58,7 @@ class Metrics:
                 self.drafted[d] += n
                 self.accepted[d] += a
 
-    def render(self, queue_depth: int, running: int) -> str:
+    def render(self, queue_depth: int, running: int, batch_sizes=None) -> str:
         out = []
 
         def metric(name, kind, help_, samples):
@@ -121,5 +121,12 @@ class Metrics:
             depth = [((("depth", str(d + 1)),), n) for d, n in enumerate(self.accepted)]
             metric("mtp_accepted_total", "counter", "MTP draft tokens accepted, by depth.", depth)
         metric("queue_depth", "gauge", "Requests waiting for the generation thread.", [((), queue_depth)])
-        metric("requests_running", "gauge", "Requests being generated.", [((), running)])
+        metric("requests_running", "gauge", "Requests being generated (rows of the batch).", [((), running)])
+        sizes = sorted((batch_sizes or {}).items())
+        metric(
+            "batch_passes_total",
+            "counter",
+            "Trunk passes of the batch engine, by the rows (requests) each carried.",
+            [((("rows", str(k)),), n) for k, n in sizes],
+        )
         return "\n".join(out) + "\n"
