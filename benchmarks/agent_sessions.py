@@ -6,7 +6,7 @@ The server runs the scripted checkpoint of the agent-CLI tests (tests/agent_chec
 first turn calls the shell tool, later ones answer a final text), with the prompt cache on. Turn 1
 starts a session; turns 2-5 continue it (`claude -p --continue`, `codex exec resume --last`,
 `opencode run --continue`). The server process records each request's prompt token ids
-(`--serve` mode of this script: the real server with Engine.generate wrapped), so the counts are
+(`--serve` mode of this script: the real server with Engine.submit wrapped), so the counts are
 the server's own and the prompts can be diffed.
 
     python benchmarks/agent_sessions.py --clients claude codex opencode --turns 5
@@ -43,15 +43,15 @@ def serve(record: Path, argv):
     from mlx_step35 import server
     from mlx_step35.server.engine import Engine
 
-    generate = Engine.generate
+    submit = Engine.submit
 
-    def recording(self, request, cancelled=None):
-        gen = generate(self, request, cancelled)
+    def recording(self, request, loop):
+        job = submit(self, request, loop)
         with record.open("a") as f:
             f.write(json.dumps({"prompt": list(request.prompt), "t": time.time()}) + "\n")
-        return gen
+        return job
 
-    Engine.generate = recording
+    Engine.submit = recording
     server.main(argv)
 
 

@@ -82,7 +82,12 @@ def pass_bytes(c, overlap, m, corr, context=0, kv=None):
     """Bytes one trunk pass over m tokens reads: dense weights once, the union of the experts
     its tokens route to (independent routing, or scaled by the demo's measured overlap), the KV."""
     extra = (distinct_independent(c["E"], c["k"], m) - c["k"]) * (overlap[m] if corr else 1.0)
-    return c["dense"] + c["lm_head"] + kv_bytes(c, context, kv) + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+    return (
+        c["dense"]
+        + c["lm_head"]
+        + kv_bytes(c, context, kv)
+        + c["n_moe"] * (c["k"] + extra) * c["expert_each"]
+    )
 
 
 def draft_bytes(c, blocks):
@@ -161,7 +166,9 @@ def main():
 
     G = 1e9
     if a.kv_table:
-        return kv_table(c, acc, verify_bytes, lambda n: draft_bytes(c, n), a.kv_group_size, a.quantized_kv_start)
+        return kv_table(
+            c, acc, verify_bytes, lambda n: draft_bytes(c, n), a.kv_group_size, a.quantized_kv_start
+        )
     print(
         f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
         f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "

@@ -81,10 +81,12 @@ def test_full_queue_is_503_with_retry_after(url):
     a fourth is refused."""
     long = {"prompt": "def f(x):", "max_tokens": 3000, "stream": True}
     with contextlib.ExitStack() as stack:
+        streams = []  # (each line iterator is kept: a dropped one closes its stream, a disconnect)
         for _ in range(2):
             client = stack.enter_context(httpx.Client(timeout=60, headers=AUTH))
             running = stack.enter_context(client.stream("POST", url + "/v1/completions", json=long))
-            assert next(ln for ln in running.iter_lines() if ln.startswith("data: "))  # generating now
+            streams.append(running.iter_lines())
+            assert next(ln for ln in streams[-1] if ln.startswith("data: "))  # generating now
         client = stack.enter_context(httpx.Client(timeout=60, headers=AUTH))
         queued = stack.enter_context(client.stream("POST", url + "/v1/completions", json=long))
         assert queued.status_code == 200  # fills the queue of 1
