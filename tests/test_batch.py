@@ -3,10 +3,13 @@
 
 import numpy as np
 import pytest
+from factory import make_checkpoint
 from spec_models import successor_model
+from test_kv_quant import WIDE, WINDOW
 
 from mlx_step35 import load
 from mlx_step35.batch import BatchEngine, BatchRequest, batch_generate
+from mlx_step35.cache import FullKVCache
 from mlx_step35.generation import generate, stream_generate
 from mlx_step35.prompt_cache import make_prompt_cache
 from mlx_step35.sampling import make_logits_processors, make_sampler
@@ -155,3 +158,19 @@ def test_batch_generate_texts(random_pair):
     assert texts == [
         generate(model, tok, p, 16, draft_mtp=True, num_draft=2, prefill_step_size=STEP) for p in prompts
     ]
+
+
+def test_quantized_kv_rows(tmp_path_factory):
+    """With kv_bits, each row's full-attention KV is quantized from quantized_kv_start on, by
+    position, as alone: the tokens are those of each request run alone with the same KV format."""
+
+    model, tok = successor_model(
+        make_checkpoint(tmp_path_factory.mktemp("kvq_batch"), sliding_window=WINDOW, **WIDE), eps=2.5
+    )
+    kv = dict(kv_bits=8, kv_group_size=64, quantized_kv_start=10)
+    cfgs = [CONFIGS[0], CONFIGS[1], CONFIGS[7]]
+    want = [alone(model, tok, p, dict(c, **kv), 24) for p, c in zip(PROMPTS, cfgs)]
+    engine = BatchEngine(model, tok, prefill_step_size=STEP, **kv)
+    got, rows = run(engine, [BatchRequest(p, 24, **c) for p, c in zip(PROMPTS, cfgs)])
+    assert got == want
+    assert all(any(isinstance(c, FullKVCache) and c.q_len > 0 for c in r.g.cache) for r in rows)
