@@ -4,7 +4,8 @@ A Mac decodes at memory speed, so cost = weight (and KV) bytes read per generate
 Byte counts come from the real architecture built lazily (no weights) under our 4-bit
 recipe. A verify pass over m tokens reads the dense weights once but the union of the
 experts its m tokens route to; drafting at depth n reads MTP blocks 1..n (commit pass),
-blocks 2..n again (draft pass) and heads 1..n. Projected tokens/s = efficiency x bandwidth
+blocks 2..n again (draft pass) and heads 1..n, each block pass its block's KV (sliding
+windows of 512 in the real config). Projected tokens/s = efficiency x bandwidth
 / bytes per token, with the efficiency calibrated on llama.cpp's published 48 tok/s
 (M4 Max, Q4_K_S, no MTP). These are projections, not measurements.
 
@@ -13,7 +14,8 @@ blocks 2..n again (draft pass) and heads 1..n. Projected tokens/s = efficiency x
 
 With --kv-bits, full-attention KV positions from --quantized-kv-start on are read at
 mx.quantize's size (bits per value plus a 16-bit scale and bias per group), as
-generate_step(kv_bits=...) stores them; the sliding windows stay 16-bit.
+generate_step(kv_bits=...) stores them, plus the float32 cast of the scales and biases that
+the float32 attention scores cost (see kv_read_per_value); the sliding windows stay 16-bit.
 """
 
 import argparse
@@ -61,11 +63,24 @@ def components():
     c["kv_sliding"] = (
         (a.num_hidden_layers - full) * 2 * a.num_attention_groups * a.head_dim * 2 * a.sliding_window
     )
+    # the MTP blocks (layers 45-47) are sliding-attention layers in the real config: 16-bit windows
+    mtp_layers = range(a.num_hidden_layers, a.num_hidden_layers + a.num_nextn_predict_layers)
+    if not all(a.is_sliding(i) for i in mtp_layers):
+        raise ValueError("a full-attention MTP block: its KV reads are not modelled here")
+    c["kv_mtp_block"] = c["kv_sliding"] / (a.num_hidden_layers - full)
     return c
 
 
 def distinct_independent(E, k, m):
     return E * (1 - (1 - k / E) ** m)
+
+
+def kv_read_per_value(kv) -> float:
+    """Bytes a pass moves per quantized key or value with 16-bit activations: the stored bytes,
+    plus casting the 16-bit scales and biases to float32 (read 2, write 4, then read 4 bytes
+    instead of 2, each): cache.attention's scores are float32, and mx.quantized_matmul casts
+    its scales and biases to the queries' dtype."""
+    return kv.bytes_per_value() + 2 * (2 + 4 + 2) / kv.group_size
 
 
 def kv_bytes(c, context, kv=None):
@@ -74,7 +89,7 @@ def kv_bytes(c, context, kv=None):
     full = c["kv_full_per_token"] * context
     if kv is not None:
         fp = min(context, kv.start)
-        full = c["kv_full_per_token"] * (fp + (context - fp) * kv.bytes_per_value() / 2)
+        full = c["kv_full_per_token"] * (fp + (context - fp) * kv_read_per_value(kv) / 2)
     return full + c["kv_sliding"] * min(1.0, context / 512)
 
 
@@ -90,16 +105,24 @@ def pass_bytes(c, overlap, m, corr, context=0, kv=None):
     )
 
 
-def draft_bytes(c, blocks):
-    """Bytes of drafting with MTP blocks 1..blocks (commit pass, draft pass from block 2, heads)."""
-    return 0 if blocks == 0 else (2 * blocks - 1) * c["mtp_body"] + blocks * c["mtp_head"]
+def draft_bytes(c, blocks, depth=None, context=0):
+    """Bytes of one step's drafting at `depth` (default `blocks`) whose chain ran MTP blocks
+    1..blocks (fewer than depth when the confidence gate stopped it): the commit pass runs
+    blocks 1..depth whatever the chain does, the draft pass blocks 2..blocks, the heads
+    1..blocks; each block pass reads its weights and its sliding window."""
+    if blocks == 0:
+        return 0
+    window = c["kv_mtp_block"] * min(1.0, context / 512)
+    passes = max(depth or blocks, blocks) + blocks - 1
+    return passes * (c["mtp_body"] + window) + blocks * c["mtp_head"]
 
 
-def bytes_per_token(c, overlap, steps, corr=True, context=0):
+def bytes_per_token(c, overlap, steps, corr=True, context=0, depth=None, kv=None):
     """Real-model bytes per generated token for measured steps {(drafts verified, MTP blocks
-    run, drafts accepted): count} (see SpecStats.steps)."""
+    run, drafts accepted): count} (see SpecStats.steps) of a run at a fixed `depth` (None: each
+    step's blocks run, a lower bound when the gate cut chains)."""
     total = sum(
-        k * (pass_bytes(c, overlap, n + 1, corr, context) + draft_bytes(c, b))
+        k * (pass_bytes(c, overlap, n + 1, corr, context, kv) + draft_bytes(c, b, depth, context))
         for (n, b, _), k in steps.items()
     )
     return total / sum(k * (a + 1) for (_, _, a), k in steps.items())
@@ -166,9 +189,8 @@ def main():
 
     G = 1e9
     if a.kv_table:
-        return kv_table(
-            c, acc, verify_bytes, lambda n: draft_bytes(c, n), a.kv_group_size, a.quantized_kv_start
-        )
+        drafting = lambda n, context, depth=None: draft_bytes(c, n, depth, context)  # noqa: E731
+        return kv_table(acc, verify_bytes, drafting, a.kv_group_size, a.quantized_kv_start)
     print(
         f"Real model, 4-bit recipe: dense+attention {c['dense'] / G:.2f} GB, lm_head {c['lm_head'] / G:.2f} GB, "
         f"one expert {c['expert_each'] / 1e6:.2f} MB x {c['k']} of {c['E']} in {c['n_moe']} MoE layers, "
@@ -199,7 +221,8 @@ def main():
             p *= acc[j]
             E_n += p
         vi, vc = verify_bytes(n + 1, False), verify_bytes(n + 1, True)
-        ti, tc = (vi + draft_bytes(c, n)) / E_n, (vc + draft_bytes(c, n)) / E_n
+        d = draft_bytes(c, n, context=a.context)
+        ti, tc = (vi + d) / E_n, (vc + d) / E_n
         speeds = " | ".join(f"{eff * bw / ti:.0f}-{eff * bw / tc:.0f} tok/s" for bw in MACS.values())
         print(f"| {n} | {E_n:.2f} | {vi / G:.2f} / {vc / G:.2f} | {ti / G:.2f} / {tc / G:.2f} | {speeds} |")
 
@@ -212,9 +235,10 @@ def tokens_per_step(acc, n):
     return total
 
 
-def kv_table(c, acc, verify_bytes, draft_bytes, group, start):
+def kv_table(acc, verify_bytes, draft_bytes, group, start):
     """Bytes read per generated token (independent / correlated routing) and projected tok/s on
-    an M4 Max, at 32K and 128K tokens of context, 16/8/4-bit full-attention KV, depths 0-3."""
+    an M4 Max, at 32K and 128K tokens of context, 16/8/4-bit full-attention KV, depths 0-3;
+    then the goal at 32K (8-bit KV, depth 2 vs plain 16-bit) and what it would take."""
     G = 1e9
     eff = LLAMA_CPP_M4_MAX * verify_bytes(1, False, 0, None) / MACS["M4 Max (546 GB/s)"]
     print(
@@ -223,26 +247,29 @@ def kv_table(c, acc, verify_bytes, draft_bytes, group, start):
     )
     print("| context | KV | depth | GB read per token (indep. / corr.) | M4 Max tok/s (indep. / corr.) |")
     print("|---|---|---|---|---|")
-    per_token = {}
+
+    def per_token(context, kv, n, acc=acc):
+        E_n = tokens_per_step(acc, n)
+        d = draft_bytes(n, context)
+        return tuple((verify_bytes(n + 1, corr, context, kv) + d) / E_n for corr in (False, True))
+
     for context in (32768, 131072):
         for bits in (None, 8, 4):
             kv = None if bits is None else KVQuant(bits, group, start)
             for n in range(4):
-                E_n = tokens_per_step(acc, n)
-                ti = (verify_bytes(n + 1, False, context, kv) + draft_bytes(n)) / E_n
-                tc = (verify_bytes(n + 1, True, context, kv) + draft_bytes(n)) / E_n
-                per_token[context, bits, n] = (ti, tc)
+                ti, tc = per_token(context, kv, n)
                 bw = eff * MACS["M4 Max (546 GB/s)"]
                 print(
                     f"| {context // 1024}K | {bits or 16}-bit | {n} | {ti / G:.2f} / {tc / G:.2f} | "
                     f"{bw / ti:.0f} / {bw / tc:.0f} |"
                 )
-    base = per_token[32768, None, 0]
-    goal = per_token[32768, 8, 2]
+    ctx, kv8 = 32768, KVQuant(8, group, start)
+    base = per_token(ctx, None, 0)
+    goal = per_token(ctx, kv8, 2)
     ratios = [b / g for b, g in zip(base, goal)]
     print(
         f"\nGoal check at 32K: plain 16-bit decoding reads {base[0] / G:.2f} GB per token; 8-bit KV with "
-        f"depth-2 drafting {goal[0] / G:.2f} / {goal[1] / G:.2f} GB: {ratios[0]:.2f}x / {ratios[1]:.2f}x fewer "
+        f"depth-2 drafting {goal[0] / G:.2f} / {goal[1] / G:.2f} GB: {ratios[0]:.3f}x / {ratios[1]:.3f}x fewer "
         f"bytes (indep. / corr. routing); the goal (>= 1.6x) "
         + (
             "holds"
@@ -252,6 +279,26 @@ def kv_table(c, acc, verify_bytes, draft_bytes, group, start):
             else "does not hold"
         )
     )
+    # An oracle gate: the chain stops exactly before the first draft the trunk would reject (a
+    # block must run for its confidence to be known); no accepted draft is lost.
+    a1, a2 = acc[0], acc[1]
+    cases = [(1 - a1, 0, 1), (a1 * (1 - a2), 1, 2), (a1 * a2, 2, 2)]  # (probability, kept, blocks run)
+    oracle = [
+        sum(p * (verify_bytes(k + 1, corr, ctx, kv8) + draft_bytes(b, ctx, 2)) for p, k, b in cases)
+        / tokens_per_step(acc, 2)
+        for corr in (False, True)
+    ]
+    print(
+        f"An oracle confidence gate at depth 2 (cuts every draft the trunk rejects, keeps every other; "
+        f"an upper bound for any gate): {oracle[0] / G:.2f} / {oracle[1] / G:.2f} GB, "
+        f"{base[0] / oracle[0]:.3f}x / {base[1] / oracle[1]:.3f}x"
+    )
+    for i, corr in enumerate(("independent", "correlated")):
+        lo, hi = 0.0, 1.0  # the acceptance, the same at depths 1 and 2, at which depth 2 reaches 1.6x
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if base[i] / per_token(ctx, kv8, 2, [mid, mid])[i] >= 1.6 else (mid, hi)
+        print(f"Acceptance needed at depths 1 and 2 for 1.6x without a gate ({corr} routing): {hi:.3f}")
 
 
 if __name__ == "__main__":

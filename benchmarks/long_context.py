@@ -16,6 +16,11 @@ own Python sources (not in the demo's training corpus), repeated if too short.
 
     python benchmarks/long_context.py [--contexts 4096,16384,32768] [--rounds 2] [--decode 32]
         [--quality 16384] [--kv-group-size 32] [--quantized-kv-start 0]
+    python benchmarks/long_context.py --skip-speed --quality 4096 [--metal-like] [--bf16-scores]
+
+--metal-like: 16-bit attention computed in float32 and rounded to the model's dtype, as Metal's
+fused kernel does (MLX's CPU fallback rounds its scores to bf16). --bf16-scores: the quantized
+attention as before float32 scores (kv_scores.bf16_scores), for the A/B.
 """
 
 import argparse
@@ -28,9 +33,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from common import ROOT, demo_model, median
+from kv_scores import bf16_scores
 
+import mlx_step35.model
 from mlx_step35 import load
-from mlx_step35.cache import FullKVCache, KVQuant
+from mlx_step35.cache import FullKVCache, KVQuant, attention
 from mlx_step35.speculative import PREFILL_STEP
 
 ARMS = (None, 8, 4)  # kv_bits
@@ -203,7 +210,28 @@ def main():
     ap.add_argument("--quantized-kv-start", type=int, default=0)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--chunk", type=int, default=CHUNK, help="prompt tokens timed at each context")
+    ap.add_argument(
+        "--metal-like", action="store_true", help="16-bit attention in float32, as Metal's kernel"
+    )
+    ap.add_argument("--bf16-scores", action="store_true", help="quantized attention as before float32 scores")
     a = ap.parse_args()
+    if a.metal_like:
+        fused = mx.fast.scaled_dot_product_attention
+
+        def fused_f32(q, k, v, **kw):
+            return fused(*(x.astype(mx.float32) for x in (q, k, v)), **kw).astype(q.dtype)
+
+        mx.fast.scaled_dot_product_attention = fused_f32
+    if a.bf16_scores:
+
+        def before(queries, keys, values, scale, mask=None, quant=None):
+            if isinstance(keys, tuple) and quant.start == 0:  # the A/B covers start 0 only
+                return bf16_scores(queries, keys, values, scale, mask, quant)
+            if isinstance(keys, tuple):
+                raise SystemExit("--bf16-scores: with --quantized-kv-start 0 only")
+            return attention(queries, keys, values, scale, mask, quant)
+
+        mlx_step35.model.attention = before
     a.contexts = [int(x) for x in a.contexts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         path = model_for(max(a.contexts + [a.quality]) + a.decode, Path(tmp))

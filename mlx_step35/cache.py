@@ -333,7 +333,10 @@ def attention(queries: mx.array, keys, values, scale: float, mask=None, quant: O
             mx.fast.scaled_dot_product_attention(queries[:, :, :low], fk, fv, scale=scale, mask=causal)
         )
     if low < L:
-        q = queries[:, :, low:]  # a new array: mlx-lm's function scales its queries in place
+        # Scores, softmax and weighted sum in float32, as the fused kernel keeps them on Metal
+        # (a bf16 quantized_matmul rounds every score). A new array: mlx-lm's function scales
+        # its queries in place.
+        q = queries[:, :, low:].astype(mx.float32)
         causal = "causal" if L - low > 1 else None
         if fk is None:
             out = quantized_scaled_dot_product_attention(
@@ -341,12 +344,14 @@ def attention(queries: mx.array, keys, values, scale: float, mask=None, quant: O
             )
         else:
             out = _mixed_attention(q, fk, fv, qk, qv, scale, causal, quant)
-        outs.append(out)
+        outs.append(out.astype(queries.dtype))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 def _mixed_attention(queries, fk, fv, qk, qv, scale, causal, quant: KVQuant):
-    """Queries at or after quant.start over 16-bit keys [0, fp) and quantized ones after."""
+    """Float32 queries at or after quant.start over 16-bit keys [0, fp) and quantized ones
+    after; float32 scores, softmax and output, except the 16-bit prefix's two matmuls, which
+    run in the cache's dtype (a float32 operand would copy the whole prefix every step)."""
     B, n_heads, L, D = queries.shape
     n_kv = fk.shape[1]
     rep = n_heads // n_kv
@@ -354,7 +359,7 @@ def _mixed_attention(queries, fk, fv, qk, qv, scale, causal, quant: KVQuant):
     fk, fv = fk[:, :, None], fv[:, :, None]
     qk, qv = [tuple(a[:, :, None] for a in t) for t in (qk, qv)]
     g, b = quant.group_size, quant.bits
-    s_fp = q @ fk.swapaxes(-1, -2)  # [B, kv_heads, rep, L, fp]
+    s_fp = (q.astype(fk.dtype) @ fk.swapaxes(-1, -2)).astype(q.dtype)  # [B, kv_heads, rep, L, fp]
     s_q = mx.quantized_matmul(q, *qk, transpose=True, group_size=g, bits=b)  # [.., L, n_quantized]
     if causal is not None:  # the 16-bit keys all precede these queries; mask the quantized part
         n = s_q.shape[-1]
@@ -362,5 +367,6 @@ def _mixed_attention(queries, fk, fv, qk, qv, scale, causal, quant: KVQuant):
         s_q = mx.where(visible, s_q, mx.finfo(s_q.dtype).min)
     p = mx.softmax(mx.concatenate([s_fp, s_q], axis=-1), axis=-1, precise=True)
     fp = s_fp.shape[-1]
-    out = p[..., :fp] @ fv + mx.quantized_matmul(p[..., fp:], *qv, transpose=False, group_size=g, bits=b)
+    out = (p[..., :fp].astype(fv.dtype) @ fv).astype(p.dtype)
+    out = out + mx.quantized_matmul(p[..., fp:], *qv, transpose=False, group_size=g, bits=b)
     return out.reshape(B, n_heads, L, D)

@@ -129,7 +129,7 @@ def ranks(ckpts):
 @pytest.fixture(scope="module")
 def reference(ckpts):
     return {
-        kind: tp_ranks.results(ckpts[kind], None, kind == "f32", **tp_ranks.LOAD_ARGS[kind])
+        kind: tp_ranks.results(ckpts[kind], None, kind == "f32", kind == "q32", **tp_ranks.LOAD_ARGS[kind])
         for kind in ("f32", "q32", "conv")
     }
 
@@ -167,6 +167,34 @@ def test_greedy_identical_to_one_process(ranks, reference, ckpts, kind):
         gated, steps = reference[kind]["gated_steps"]
         assert 0 < gated < steps
         assert res[0][_spec(ckpts, kind)]["gated_steps"] == res[1][_spec(ckpts, kind)]["gated_steps"]
+
+
+def test_quantized_kv_greedy_identical_and_split_by_heads(ranks, reference, ckpts):
+    """kv_bits 8, groups of 32, from position 6 (head_dim 32): greedy tokens, plain and
+    drafting, equal one process's with the same KV; each rank's full-attention caches (trunk
+    and MTP block) hold its own half of the KV heads, quantized past position 6, and equal
+    that half of one process's cache."""
+    res, _ = ranks
+    ref = reference["q32"]["kv"]
+    assert ref["None"]["tokens"] == ref["2"]["tokens"]  # drafting lossless with quantized KV
+    assert len(ref["None"]["tokens"]) == tp_ranks.MAX_TOKENS
+    n_kv = parse_config(load_config(ckpts["q32"])).num_attention_groups
+    for rank in (0, 1):
+        got = res[rank][_spec(ckpts, "q32")]["kv"]
+        assert set(got) == {"None", "2"}
+        for n in ("None", "2"):
+            assert got[n]["tokens"] == ref[n]["tokens"], (rank, n)
+            assert len(got[n]["caches"]) == len(ref[n]["caches"]) == (1 if n == "None" else 2)
+            for c, one in zip(got[n]["caches"], ref[n]["caches"]):
+                assert (c["fp_len"], c["q_len"]) == (one["fp_len"], one["q_len"])
+                assert c["fp_len"] == tp_ranks.KV["quantized_kv_start"] and c["q_len"] > 0
+                heads = slice(rank * n_kv // 2, (rank + 1) * n_kv // 2)
+                for key in ("fp_keys", "q_keys", "q_values"):
+                    a, b = np.array(c[key]), np.array(one[key])
+                    assert a.shape[1] == n_kv // 2 and b.shape[1] == n_kv, (key, a.shape, b.shape)
+                    # one quantization step: a value next to a rounding boundary may round apart
+                    tol = 1e-4 if key == "fp_keys" else 1.01 * max(c["max_scale"], one["max_scale"])
+                    np.testing.assert_allclose(a, b[:, heads], atol=tol, rtol=0, err_msg=f"{rank} {n} {key}")
 
 
 def test_sampled_identical_on_both_ranks(ranks, reference, ckpts):

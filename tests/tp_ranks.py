@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_step35 import load, make_sampler, stream_generate
+from mlx_step35.cache import FullKVCache
 from mlx_step35.distributed import PeerLost, exit_when_terminated, peer_errors, world
 from mlx_step35.draft_policy import AutoDraft
 from mlx_step35.follow import follow, request_kwargs
@@ -52,7 +53,12 @@ def scattered_auto(rank: int):
 GATE = 0.25  # a confidence gate that stops some of the f32 checkpoint's chains, not all
 
 
-def tokens(model, num_draft, sampler=None, seed=None, gate=0.0, stats=None):
+# Quantized KV: 8 bits in groups of 32 (the q32 checkpoint's head_dim), from position 6 on,
+# so the prompt's prefill runs both parts and every decoded token reads quantized positions.
+KV = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=6)
+
+
+def tokens(model, num_draft, sampler=None, seed=None, gate=0.0, stats=None, **kv):
     if seed is not None:
         mx.random.seed(seed)
     gen = generate_step(
@@ -64,8 +70,58 @@ def tokens(model, num_draft, sampler=None, seed=None, gate=0.0, stats=None):
         num_draft=num_draft or "auto",
         draft_min_confidence=gate,
         stats=stats,
+        **kv,
     )
     return [t for t, _, _ in gen]
+
+
+def _full_caches(model):
+    """Spy on the model's cache factories: the list gets every full-attention cache that
+    generation makes (trunk, then MTP blocks), as made."""
+    made = []
+    for name in ("make_cache", "make_mtp_cache"):
+        orig = getattr(model, name)
+
+        def spy(*a, _orig=orig, **k):
+            caches = _orig(*a, **k)
+            made.extend(c for c in caches if isinstance(c, FullKVCache))
+            return caches
+
+        setattr(model, name, spy)
+    return made
+
+
+def _kv_state(cache: FullKVCache, quant) -> dict:
+    """A full-attention cache's entries as float lists: 16-bit ones and the dequantized rest."""
+    fp = cache.fp_len
+    keys = cache.keys[..., :fp, :] if fp else None
+    deq = [
+        mx.dequantize(*(a[..., : cache.q_len, :] for a in t), group_size=quant.group_size, bits=quant.bits)
+        for t in (cache.qkeys, cache.qvalues)
+    ]
+    return {
+        "fp_len": fp,
+        "q_len": cache.q_len,
+        "fp_keys": None if keys is None else np.array(keys).tolist(),
+        "q_keys": np.array(deq[0]).tolist(),
+        "q_values": np.array(deq[1]).tolist(),
+        "max_scale": float(max(mx.max(t[1]).item() for t in (cache.qkeys, cache.qvalues))),
+    }
+
+
+def kv_results(model) -> dict:
+    """Greedy generation with KV, plain and drafting at depth 2, and the full-attention
+    caches each run left (what this process holds of them)."""
+    out = {}
+    for n in (None, 2):
+        made = _full_caches(model)
+        try:
+            out[str(n)] = {"tokens": tokens(model, n, **KV)}
+        finally:
+            del model.make_cache, model.make_mtp_cache  # the class's own again
+        quant = made[0].quant
+        out[str(n)]["caches"] = [_kv_state(c, quant) for c in made]
+    return out
 
 
 def loaded(path, group=None, **load_args):
@@ -75,7 +131,7 @@ def loaded(path, group=None, **load_args):
     return model, params, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def results(path, group=None, full=True, **load_args) -> dict:
+def results(path, group=None, full=True, kv=False, **load_args) -> dict:
     rank = group.rank() if group is not None else 0
     model, params, _ = loaded(path, group, **load_args)
     ids = mx.array([PROMPT + PROMPT[:6]])
@@ -91,6 +147,8 @@ def results(path, group=None, full=True, **load_args) -> dict:
         out["greedy"] = {str(n): tokens(model, n) for n in (DRAFTS if full else (None, "auto"))}
     finally:
         AutoDraft.choose = orig
+    if kv:
+        out["kv"] = kv_results(model)
     if full:
         stats = SpecStats()  # gated: rank 0's verdicts, so every rank cuts the same chains
         out["greedy"]["3-gated"] = tokens(model, 3, gate=GATE, stats=stats)
@@ -154,7 +212,8 @@ def main():
             res["rss"] = {"param_bytes": params, "peak_rss_load": peak}
         else:
             full = kind == "full"
-            res[spec] = results(path, group, full, **LOAD_ARGS["f32" if full else kind])
+            kv = kind == "q32"  # head_dim 32: quantized KV in groups of 32 fits
+            res[spec] = results(path, group, full, kv, **LOAD_ARGS["f32" if full else kind])
             if full:
                 res["serve"] = serve(path, group)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
