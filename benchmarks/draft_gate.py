@@ -130,6 +130,9 @@ def main():
     )
     ap.add_argument("--sets", default="test,held-out", help=f"prompt sets, of {sorted(SETS)}")
     ap.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt")
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="sampled seeds: first-seed .. first-seed + seeds - 1"
+    )
     ap.add_argument("--auto-tokens", type=int, default=192, help="0: skip the auto runs")
     ap.add_argument("--regimes", default="greedy,sampled")
     a = ap.parse_args()
@@ -147,7 +150,7 @@ def main():
         "sampled": (
             f"sampled (temp {SAMPLED['temp']}, top-p {SAMPLED['top_p']}, {a.seeds} seeds)",
             make_sampler(**SAMPLED),
-            range(a.seeds),
+            range(a.first_seed, a.first_seed + a.seeds),
         ),
     }
     for set_name in a.sets.split(","):
