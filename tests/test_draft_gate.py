@@ -269,3 +269,15 @@ def test_parse_and_request_field():
             schema(draft_min_confidence=1.5, **kw)
     req = GenRequest(prompt=[1, 2], max_tokens=3, sampler=make_sampler(), draft_min_confidence=0.4)
     assert request_kwargs(req.shared())["draft_min_confidence"] == 0.4  # what every rank runs
+
+
+def test_auto_counts_a_never_gated_block_as_always_passing():
+    """Blocks a rule never gates report inf (speculative.GATE_RULES factor 0): at every threshold
+    all of them pass, so their gated acceptance is the acceptance of all of their drafts."""
+    policy = AutoDraft(3)
+    for n_acc in (3, 1, 0, 2):
+        policy.update(3, n_acc, 0.0, [float("inf"), float("inf"), 0.05])
+    for b0 in range(1, len(BUCKETS)):
+        assert policy.gated(1, b0)[0] == policy.gated(2, b0)[0] == 1.0
+        assert policy.gated(3, b0)[0] == 0.0  # block 3's 0.05 is below every threshold
+    assert policy.conf_tries[1][-1] == 4 and policy.conf_hits[1][-1] == 3  # accepted at depth 1: 3 of 4
