@@ -8,7 +8,7 @@ rewound at once, so block k's cache always holds exactly the teacher-forced entr
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -151,18 +151,23 @@ class MTPDrafter:
         n: int,
         sampler: Sampler,
         processors=None,
-        min_confidence: float = 0.0,
+        min_confidence: Union[float, Sequence[float]] = 0.0,
         rng: Optional[RandomStream] = None,
     ) -> Tuple[mx.array, List[mx.array], mx.array]:
         """Chain blocks 1..n at position P-1 (P = trunk positions; seq[P] is the last
         verified token). Returns the drafts as an int32 array [m <= n], per draft the
-        distribution it was drawn from [1, V], and the gate confidences (see `confidence`)
-        of the blocks run [m, or m + 1 when the gate stopped the chain].
+        distribution it was drawn from [1, V], and the gate values of the blocks run [m, or
+        m + 1 when the gate stopped the chain].
 
-        With `min_confidence` > 0 the chain stops before the first block whose confidence is
-        below it: that block's draft is not kept (one host sync per block; rank 0 decides).
-        Without the gate nothing waits: each draft is queued (`mx.async_eval`) as soon as it
-        is built. Sampled drafts draw their keys from `rng` (default: MLX's global generator)."""
+        The gate reads a signal from each block's distribution (`confidence`, under the rule
+        `GATE_RULES` gives this sampler) and stops the chain before the first block whose
+        signal is below its threshold: that block's draft is not kept (one host sync per
+        gated block; rank 0 decides). A number `min_confidence` t gives block k the threshold
+        t x factor_k, and its gate value is signal / factor_k (inf where factor_k = 0: never
+        gated), so the chain stops at the first value below t; a sequence gives one threshold
+        per block, and the values are the signals. Blocks with threshold 0 do not wait: their
+        drafts are queued (`mx.async_eval`) as soon as they are built. Sampled drafts draw their
+        keys from `rng` (default: MLX's global generator)."""
         rng = rng or RandomStream()
         self.commit(seq, n)
         P = self.done[0]
@@ -171,7 +176,9 @@ class MTPDrafter:
         drafts, dists, confs = [], [], []
         history = mx.array(seq, dtype=mx.int32) if processors else None
         prev = None  # block k-1's rows [done[k-1], P), computed for this draft only
-        chain = None  # q_j(d_j) of the drafts kept, multiplied (GATE == "product")
+        chain = None  # q_j(d_j) of the drafts kept, multiplied (signal "product")
+        signal, factors = gate_rule(sampler)
+        limits, scale = gate_limits(min_confidence, n, factors)
         try:
             for k in range(1, n + 1):
                 t0 = self.done[k]
@@ -188,18 +195,19 @@ class MTPDrafter:
                 tok = (
                     lp.argmax(axis=-1) if dist is None else mx.random.categorical(mx.log(dist), key=rng())
                 ).astype(mx.int32)
-                conf = confidence(dist, lp, sampler, chain)
-                confs.append(conf)
-                if min_confidence > 0:  # rank 0's draft and verdict, on every rank
-                    below = (conf < min_confidence).astype(mx.int32)
+                conf = confidence(dist, lp, sampler, chain, signal)
+                value = conf / scale[k - 1] if scale[k - 1] > 0 else mx.array([float("inf")])
+                confs.append(value)
+                if limits[k - 1] > 0:  # rank 0's draft and verdict, on every rank
+                    below = (value < limits[k - 1]).astype(mx.int32)
                     both = lockstep(self.model).array(mx.concatenate([tok, below]))
                     tok, stop = both[:1], both[1].item()
                     if stop:
                         break
-                    chain = conf if GATE == "product" else None
+                    chain = conf if signal == "product" else None
                 else:
                     tok = lockstep(self.model).array(tok)  # rank 0's draft feeds the next block on every rank
-                    chain = conf if GATE == "product" else None
+                    chain = conf if signal == "product" else None
                 if not sampler.greedy:
                     dists.append(dist)
                     if chain is not None:  # the kept draft's own probability joins the product
@@ -217,21 +225,59 @@ class MTPDrafter:
         )
 
 
-# What the draft gate compares with draft_min_confidence: "own", the block's own confidence,
-# or "product", that times the probabilities of the drafts kept before it in the chain.
-GATE = "own"
+# The draft gate's rule per regime: the signal read from each block's distribution (greedy:
+# the softmax of its processed log-probabilities; sampled: the distribution the draft is drawn
+# from) and per block the factor of draft_min_confidence that is its threshold (0: never
+# gated; the last factor for deeper blocks). Signals: "own", the top probability; "margin",
+# the top probability minus the second; "entropy", exp(-entropy); "product", the top
+# probability times q(d) of each draft kept before it in the chain. On the demo no rule met
+# issue 23's goal in both regimes on held-out prompts (benchmarks/RESULTS.md section 14), so
+# both keep the block's own top probability at every block.
+GATE_RULES = {"greedy": ("own", (1.0,)), "sampled": ("own", (1.0,))}
+SIGNALS = ("own", "margin", "entropy", "product")
 
 
-def confidence(dist: mx.array, lp: mx.array, sampler: Sampler, chain: Optional[mx.array]) -> mx.array:
-    """A block's gate confidence [1]: the largest probability of the distribution the draft is
-    drawn from (greedy: the softmax of the processed log-probabilities, so the drafted
-    token's own probability), times `chain` when given. It depends on that distribution
-    only, never on the token drawn from it: whether position k is drafted is then decided
-    by the verified tokens before it, so the acceptance rule stays exact. (Dropping a
-    sampled draft for its own low q(d) would not: the verified tokens would be biased
-    towards confident drafts.)"""
-    top = mx.exp(lp.max(axis=-1)) if sampler.greedy else dist.max(axis=-1)
-    return top if chain is None else top * chain
+def gate_rule(sampler: Sampler) -> Tuple[str, Tuple[float, ...]]:
+    """(signal, per-block factors) of the gate for this sampler's regime."""
+    signal, factors = GATE_RULES["greedy" if sampler.greedy else "sampled"]
+    if signal not in SIGNALS or not factors:
+        raise ValueError(f"speculative.GATE_RULES: need a signal of {SIGNALS} and factors, got {signal!r}")
+    return signal, tuple(factors)
+
+
+def gate_limits(min_confidence: Union[float, Sequence[float]], n: int, factors: Sequence[float]):
+    """(limits, scales) of blocks 1..n: block k stops the chain when signal / scale_k < limit_k.
+    A number t: scales are the factors, limits t (0 where the factor is 0: never gated); a
+    sequence: its thresholds (the last for deeper blocks) as limits, scales 1."""
+    pad = lambda xs: tuple(float(xs[min(k, len(xs) - 1)]) for k in range(n))  # noqa: E731
+    if isinstance(min_confidence, (int, float)):
+        return pad([min_confidence if f > 0 else 0.0 for f in factors]), pad(factors)
+    if not len(min_confidence):
+        raise ValueError("min_confidence: need a number or at least one threshold")
+    return pad(min_confidence), (1.0,) * n
+
+
+def confidence(
+    dist: mx.array, lp: mx.array, sampler: Sampler, chain: Optional[mx.array], signal: str = "own"
+) -> mx.array:
+    """A block's gate signal [1] (see GATE_RULES), read from the distribution the draft is
+    drawn from (greedy: the softmax of the processed log-probabilities, whose top probability
+    is the drafted token's own), times `chain` when given. It depends on that distribution
+    only, never on the token drawn from it: whether position k is drafted is then decided by
+    the verified tokens before it, so the acceptance rule stays exact. (Dropping a sampled
+    draft for its own low q(d) would not: the verified tokens would be biased towards
+    confident drafts.)"""
+    q = mx.softmax(lp, axis=-1) if sampler.greedy and signal in ("margin", "entropy") else dist
+    if signal == "margin":
+        top2 = mx.topk(q, 2, axis=-1)  # [1, 2], in no particular order
+        conf = top2.max(axis=-1) - top2.min(axis=-1)
+    elif signal == "entropy":
+        conf = mx.exp((q * mx.log(mx.maximum(q, 1e-30))).sum(axis=-1))
+    elif signal in ("own", "product"):  # greedy: the drafted token's, exp of its log-probability
+        conf = mx.exp(lp.max(axis=-1)) if sampler.greedy else q.max(axis=-1)
+    else:
+        raise ValueError(f"gate signal must be one of {SIGNALS}, got {signal!r}")
+    return conf if chain is None else conf * chain
 
 
 def _cat(a: Optional[mx.array], b: Optional[mx.array]) -> Optional[mx.array]:

@@ -21,7 +21,7 @@ MAX_DRAFT = 3
 MAX_TOKENS = 256  # defaults of the API, also used by generate.py
 NUM_DRAFT = "auto"
 DRAFT_MIN_CONFIDENCE = "auto"  # learnt under num_draft="auto"; GATE_DEFAULT at a fixed depth
-GATE_DEFAULT = 0.15  # at a fixed depth: the least real-model bytes per token on the demo (RESULTS 14)
+GATE_DEFAULT = 0.15  # at a fixed depth, scaled per block by speculative.GATE_RULES (RESULTS 14)
 
 
 def check_num_draft(num_draft):

@@ -8,7 +8,7 @@ import pytest
 from spec_models import successor_model
 from test_speculative import PROMPT, assert_same_distribution, chi2_sf, sampling_model, tokens_of
 
-from mlx_step35 import load, make_sampler
+from mlx_step35 import load, make_sampler, speculative
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
 from mlx_step35.follow import request_kwargs
 from mlx_step35.generation import parse_min_confidence
@@ -33,25 +33,43 @@ def mixed_model(tiny_ckpt):
 
 
 def confidences_of(model, monkeypatch, sampler=None, prompt=PROMPT, max_tokens=GEN):
-    """Every block confidence of an ungated depth-3 run (what the policy is told)."""
+    """Every finite block gate value of an ungated depth-3 run (what the policy is told; blocks
+    the rule never gates report inf)."""
     seen = []
     original = FixedDraft.update
-    monkeypatch.setattr(
-        FixedDraft, "update", lambda self, n, a, s, c=(): (seen.extend(c), original(self, n, a, s, c))
-    )
     kw = dict(sampler=sampler) if sampler else {}
-    tokens_of(
-        model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=3, draft_min_confidence=0.0, **kw
-    )
-    monkeypatch.undo()
-    return seen
+    with monkeypatch.context() as m:
+        m.setattr(
+            FixedDraft, "update", lambda self, n, a, s, c=(): (seen.extend(c), original(self, n, a, s, c))
+        )
+        tokens_of(
+            model, prompt, max_tokens=max_tokens, draft_mtp=True, num_draft=3, draft_min_confidence=0.0, **kw
+        )
+    return [c for c in seen if np.isfinite(c)]
+
+
+def gate_value(probs: np.ndarray, tops: list, k: int, sampler) -> float:
+    """By hand: block k's (0-based) gate value under speculative.GATE_RULES for a number
+    threshold, from its distribution `probs` and the top probabilities `tops` of the blocks
+    before it (greedy: the drafted tokens' own probabilities)."""
+    signal, factors = speculative.gate_rule(sampler)
+    factor = factors[min(k, len(factors) - 1)]
+    srt = np.sort(probs)[::-1]
+    value = {
+        "own": srt[0],
+        "margin": srt[0] - srt[1],
+        "entropy": np.exp(np.sum(probs * np.log(np.maximum(probs, 1e-30)))),
+        "product": srt[0] * np.prod(tops),
+    }[signal]
+    return value / factor if factor > 0 else float("inf")
 
 
 @pytest.mark.parametrize("which", ["random_model", "mixed_model"])
 def test_gated_greedy_identical_and_chains_stop_at_the_first_unsure_block(which, request, monkeypatch):
-    """At the median confidence (so the gate both stops and lets through): output is plain
+    """At the median gate value (so the gate both stops and lets through): output is plain
     decoding's, each chain holds the drafts before the first block under the threshold, and
-    each block's confidence is the top softmax probability of the teacher-forced MTP logits."""
+    each block's gate value is the greedy rule's signal (over its factor) of the softmax of the
+    teacher-forced MTP logits, computed by hand."""
     model = request.getfixturevalue(which)
     threshold = float(np.median(confidences_of(model, monkeypatch)))
     calls = []
@@ -85,9 +103,10 @@ def test_gated_greedy_identical_and_chains_stop_at_the_first_unsure_block(which,
             assert confs[m] < gate
         P = len(seq) - 1
         mtp = model.mtp_logits(mx.array([seq + drafts]))
+        probs = [np.array(mx.softmax(mtp[k][0, P - 1].astype(mx.float32))) for k in range(len(confs))]
         for k, c in enumerate(confs):
-            ref = mx.softmax(mtp[k][0, P - 1].astype(mx.float32)).max().item()
-            assert abs(c - ref) < 1e-4, (k, c, ref)
+            ref = gate_value(probs[k], [p.max() for p in probs[:k]], k, make_sampler())
+            assert c == ref == float("inf") or abs(c - ref) < 1e-4, (k, c, ref)
 
 
 def test_gate_stats_record_the_blocks_run(mixed_model):
@@ -139,23 +158,41 @@ def test_gate_rule_keeps_one_position_distributed_as_the_target():
     assert run(lambda q, d: q[0, d].item() >= 0.2) < 1e-4  # the biased rule is caught
 
 
-def test_gated_sampling_distribution_matches_plain(monkeypatch):
-    """As test_speculative's chi-square test, with the gate at the median confidence of the
-    sampled drafts: it stops some chains and lets others through (3 tests: false failure <= 3e-3)."""
-    model = sampling_model(0)
-    sampler = make_sampler(temp=1.0, top_k=6)
-    prompt, N, T = [1, 5, 3, 6, 2], 400, 4
+SAMPLING_PROMPT, RUNS, RUN_TOKENS = [1, 5, 3, 6, 2], 400, 4
+
+
+@pytest.fixture(scope="module")
+def plain_sampled():
+    """The sampling model, its sampler, and RUNS plain sampled continuations (shared by the rules)."""
+    model, sampler = sampling_model(0), make_sampler(temp=1.0, top_k=6)
+    mx.random.seed(321)
+    runs = [tokens_of(model, SAMPLING_PROMPT, max_tokens=RUN_TOKENS, sampler=sampler) for _ in range(RUNS)]
+    return model, sampler, np.array(runs)
+
+
+@pytest.mark.parametrize(
+    "rule", [None, ("margin", (0.0, 0.5, 1.0))], ids=["default-rule", "margin-never-block-1"]
+)
+def test_gated_sampling_distribution_matches_plain(rule, plain_sampled, monkeypatch):
+    """As test_speculative's chi-square test, with the gate at the median gate value of the
+    sampled drafts: it stops some chains and lets others through (per position, false failure
+    <= 1e-3). Under the default sampled rule, and under the top-1 minus top-2 margin with
+    per-block factors, block 1 never gated (no chain may stop there)."""
+    model, sampler, plain = plain_sampled
+    if rule is not None:
+        monkeypatch.setitem(speculative.GATE_RULES, "sampled", rule)
     mx.random.seed(5)
-    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, prompt, 40)))
-    runs, stats = {}, SpecStats()
-    for gated in (False, True):
-        mx.random.seed(123 if gated else 321)
-        kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats) if gated else {}
-        runs[gated] = np.array(
-            [tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)]
-        )
+    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, SAMPLING_PROMPT, 40)))
+    stats = SpecStats()
+    mx.random.seed(123)
+    kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats)
+    gated = [
+        tokens_of(model, SAMPLING_PROMPT, max_tokens=RUN_TOKENS, sampler=sampler, **kw) for _ in range(RUNS)
+    ]
     assert 0 < stats.gated < stats.verify_steps and stats.drafted[0] > 0
-    assert_same_distribution(runs[False], runs[True])
+    if rule is not None:
+        assert not any(n == 0 and blocks == 1 for n, blocks, _ in stats.steps)
+    assert_same_distribution(plain, np.array(gated))
 
 
 def feed(policy, rng, steps, accept_prob):
@@ -232,3 +269,15 @@ def test_parse_and_request_field():
             schema(draft_min_confidence=1.5, **kw)
     req = GenRequest(prompt=[1, 2], max_tokens=3, sampler=make_sampler(), draft_min_confidence=0.4)
     assert request_kwargs(req.shared())["draft_min_confidence"] == 0.4  # what every rank runs
+
+
+def test_auto_counts_a_never_gated_block_as_always_passing():
+    """Blocks a rule never gates report inf (speculative.GATE_RULES factor 0): at every threshold
+    all of them pass, so their gated acceptance is the acceptance of all of their drafts."""
+    policy = AutoDraft(3)
+    for n_acc in (3, 1, 0, 2):
+        policy.update(3, n_acc, 0.0, [float("inf"), float("inf"), 0.05])
+    for b0 in range(1, len(BUCKETS)):
+        assert policy.gated(1, b0)[0] == policy.gated(2, b0)[0] == 1.0
+        assert policy.gated(3, b0)[0] == 0.0  # block 3's 0.05 is below every threshold
+    assert policy.conf_tries[1][-1] == 4 and policy.conf_hits[1][-1] == 3  # accepted at depth 1: 3 of 4
