@@ -11,6 +11,7 @@ windows of 512 in the real config). Projected tokens/s = efficiency x bandwidth
 
     python benchmarks/bandwidth.py [--acceptance 0.9,0.8,0.7] [--context 4096]
     python benchmarks/bandwidth.py --kv-table   # 32K and 128K, 16/8/4-bit KV, depths 0-3
+    python benchmarks/bandwidth.py --batch-table --acceptance 0.71,0.77,0.84   # 1-8 rows per pass
 
 With --kv-bits, full-attention KV positions from --quantized-kv-start on are read at
 mx.quantize's size (bits per value plus a 16-bit scale and bias per group), as
@@ -174,6 +175,11 @@ def main():
     ap.add_argument("--kv-group-size", type=int, default=KV_GROUP_SIZE)
     ap.add_argument("--quantized-kv-start", type=int, default=QUANTIZED_KV_START)
     ap.add_argument(
+        "--batch-table",
+        action="store_true",
+        help="the batch engine: 1, 2, 4, 8 rows per pass, plain or depth 2, at 1K and 32K tokens per row",
+    )
+    ap.add_argument(
         "--kv-table",
         action="store_true",
         help="bytes and tokens/s per token at 32K and 128K of context, 16/8/4-bit KV, depths 0-3",
@@ -188,6 +194,8 @@ def main():
         return pass_bytes(c, overlap, m, corr, context, kv)
 
     G = 1e9
+    if a.batch_table:
+        return batch_table(c, overlap, acc, kvq)
     if a.kv_table:
         drafting = lambda n, context, depth=None: draft_bytes(c, n, depth, context)  # noqa: E731
         return kv_table(acc, verify_bytes, drafting, a.kv_group_size, a.quantized_kv_start)
@@ -299,6 +307,65 @@ def kv_table(acc, verify_bytes, draft_bytes, group, start):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if base[i] / per_token(ctx, kv8, 2, [mid, mid])[i] >= 1.6 else (mid, hi)
         print(f"Acceptance needed at depths 1 and 2 for 1.6x without a gate ({corr} routing): {hi:.3f}")
+
+
+def batch_pass_bytes(c, overlap, rows, corr, context, kv=None):
+    """Bytes one packed pass of the batch engine reads for `rows` (each a row's tokens in the
+    pass: 1 plain, n+1 verifying n drafts), each at `context` tokens: dense weights once, the
+    union of the experts all tokens route to, every row's KV, and each row's drafting (the
+    engine drafts row by row: MTP bytes per drafting row). Routing: independent over all
+    tokens, or (corr.) each row's tokens overlapping as the demo measured within a sequence and
+    the rows independent of each other."""
+    E, k = c["E"], c["k"]
+    if corr:
+        per_row = [k + (distinct_independent(E, k, m) - k) * overlap[m] for m in rows]
+        miss = 1.0
+        for d in per_row:
+            miss *= 1 - d / E
+        experts = E * (1 - miss)
+    else:
+        experts = distinct_independent(E, k, sum(rows))
+    drafts = sum(draft_bytes(c, m - 1) for m in rows)
+    return (
+        c["dense"]
+        + c["lm_head"]
+        + len(rows) * kv_bytes(c, context, kv)
+        + c["n_moe"] * experts * c["expert_each"]
+        + drafts
+    )
+
+
+def batch_table(c, overlap, acc, kv=None, sizes=(1, 2, 4, 8), depth=2):
+    """The batch engine on the real model: per pass, bytes read and tokens produced for 1-8
+    rows, all plain or all drafting at `depth` with acceptance `acc`, at 1K and 32K tokens of
+    context per row; aggregate tokens/s = efficiency x bandwidth x tokens per pass / bytes."""
+    G = 1e9
+    eff = LLAMA_CPP_M4_MAX * pass_bytes(c, overlap, 1, False) / MACS["M4 Max (546 GB/s)"]
+    macs = {m: bw for m, bw in MACS.items() if not m.startswith("M3 Max")}
+    per_row = tokens_per_step(acc, depth)
+    print(
+        f"Projection (not a measurement): real model, 4-bit weights, {'16-bit' if kv is None else f'{kv.bits}-bit'} "
+        f"KV; depth-{depth} rows at acceptance {acc} ({per_row:.2f} tokens per pass each), drafts run row by "
+        f"row; efficiency {eff:.0%} of peak bandwidth (llama.cpp-calibrated, as above); routing independent / "
+        "correlated within a row\n"
+    )
+    print(
+        "| context per row | rows | each row | tokens per pass | GB per pass (indep. / corr.) | "
+        + " | ".join(f"{m} aggregate tok/s" for m in macs)
+        + " | per row, M4 Max |"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(macs) + "---|")
+    for context in (1024, 32768):
+        for mode, m, tokens in (("plain", 1, 1.0), (f"depth {depth}", depth + 1, per_row)):
+            for b in sizes:
+                gb = [batch_pass_bytes(c, overlap, [m] * b, corr, context, kv) for corr in (False, True)]
+                tps = {name: [eff * bw * b * tokens / x for x in gb] for name, bw in macs.items()}
+                speeds = " | ".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in tps.values())
+                m4 = tps["M4 Max (546 GB/s)"]
+                print(
+                    f"| {context // 1024}K | {b} | {mode} | {b * tokens:.2f} | {gb[0] / G:.2f} / {gb[1] / G:.2f} | "
+                    f"{speeds} | {m4[0] / b:.0f}-{m4[1] / b:.0f} |"
+                )
 
 
 if __name__ == "__main__":
