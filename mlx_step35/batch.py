@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .cache import grow_slack, kv_quant, rewind
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, grow_slack, kv_quant, rewind
 from .generation import GenerationResponse, Responses
 from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, Device, headroom, kv_bytes, wired_limit
@@ -126,8 +126,8 @@ class BatchEngine:
         prompt_concurrency: int = PROMPT_CONCURRENCY,
         prefill_step_size: int = PREFILL_STEP,
         kv_bits: Optional[int] = None,
-        kv_group_size: int = 64,
-        quantized_kv_start: int = 5000,
+        kv_group_size: int = KV_GROUP_SIZE,
+        quantized_kv_start: int = QUANTIZED_KV_START,
         memory_budget: Optional[int] = None,
         rebuild: Optional[Callable[[dict], BatchRequest]] = None,
     ):
@@ -434,8 +434,8 @@ def batch_generate(
     prompt_concurrency: int = PROMPT_CONCURRENCY,
     prefill_step_size: int = PREFILL_STEP,
     kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 5000,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     **kwargs,
 ) -> List[str]:
     """The texts of several prompts (token ids) generated together, like mlx-lm's

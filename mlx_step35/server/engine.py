@@ -279,27 +279,15 @@ class Engine:
         if self.distributed:
             shared = share_request(self.model, {**request.shared(), **self.kv})
             return stream_generate(self.model, self.tokenizer, **request_kwargs(shared))
-        pc, prompt = None, request.prompt
-        if self.prompt_cache is not None and (self.prompt_cache.draft_mtp or not request.draft_mtp):
-            # (a server started with --no-draft-mtp keeps no MTP state: a request that drafts
-            # anyway runs without the cache)
-            pc, prompt = self.prompt_cache.acquire(request.prompt)
+        run = self._with_cache(request)
         gen = stream_generate(
             self.model,
             self.tokenizer,
-            prompt,
-            request.max_tokens,
-            sampler=request.sampler,
-            logits_processors=request.processors,
-            draft_mtp=request.draft_mtp,
-            num_draft=request.num_draft,
-            prompt_cache=pc,
-            checkpoints=request.checkpoints,
-            draft_min_confidence=request.draft_min_confidence,
-            seed=request.seed,
+            **vars(run),
             **self.kv,
             prompt_progress_callback=None if cancelled is None else _stop_when(cancelled),
         )
+        pc = run.prompt_cache
         return gen if pc is None else self._returning(gen, pc)
 
     def _returning(self, gen, pc):
@@ -424,26 +412,32 @@ class Engine:
                     self._leave(serving, row)
         batch.close()
 
-    def _join(self, job: Job):
-        req = job.request
+    def _with_cache(self, req: GenRequest) -> BatchRequest:
+        """The request as a generation runs it (`stream_generate`'s arguments, a batch row's),
+        with the prompt cache store's conversation sharing the longest prefix, if any (a server
+        started with --no-draft-mtp keeps no MTP state: a request that drafts anyway runs
+        without the cache)."""
         pc, prompt = None, req.prompt
         if self.prompt_cache is not None and (self.prompt_cache.draft_mtp or not req.draft_mtp):
             pc, prompt = self.prompt_cache.acquire(req.prompt)
-        row = self.batch.insert(
-            BatchRequest(
-                prompt,
-                req.max_tokens,
-                sampler=req.sampler,
-                logits_processors=req.processors,
-                draft_mtp=req.draft_mtp,
-                num_draft=req.num_draft,
-                draft_min_confidence=req.draft_min_confidence,
-                seed=req.seed,
-                prompt_cache=pc,
-                checkpoints=req.checkpoints,
-            ),
-            shared={**req.shared(), **self.kv} if self.distributed else None,
+        return BatchRequest(
+            prompt,
+            req.max_tokens,
+            sampler=req.sampler,
+            logits_processors=req.processors,
+            draft_mtp=req.draft_mtp,
+            num_draft=req.num_draft,
+            draft_min_confidence=req.draft_min_confidence,
+            seed=req.seed,
+            prompt_cache=pc,
+            checkpoints=req.checkpoints,
         )
+
+    def _join(self, job: Job):
+        req = job.request
+        run = self._with_cache(req)
+        row = self.batch.insert(run, shared={**req.shared(), **self.kv} if self.distributed else None)
+        pc = run.prompt_cache
         serving = Serving(self, job, row, pc)
         serving.started = None  # the clock starts when the row is admitted
         self._serving[row.uid] = serving
