@@ -6,7 +6,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from spec_models import successor_model
-from test_speculative import PROMPT, assert_same_distribution, chi2_sf, sampling_model, tokens_of
+from test_speculative import (
+    PROMPT,
+    SAMPLED,
+    assert_same_distribution,
+    chi2_sf,
+    plain_runs,
+    sampled_runs,
+    sampling_model,
+    tokens_of,
+)
 
 from mlx_step35 import load, make_sampler
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
@@ -144,18 +153,13 @@ def test_gated_sampling_distribution_matches_plain(monkeypatch):
     sampled drafts: it stops some chains and lets others through (3 tests: false failure <= 3e-3)."""
     model = sampling_model(0)
     sampler = make_sampler(temp=1.0, top_k=6)
-    prompt, N, T = [1, 5, 3, 6, 2], 400, 4
     mx.random.seed(5)
-    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, prompt, 40)))
-    runs, stats = {}, SpecStats()
-    for gated in (False, True):
-        mx.random.seed(123 if gated else 321)
-        kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats) if gated else {}
-        runs[gated] = np.array(
-            [tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)]
-        )
+    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, SAMPLED["prompt"], 40)))
+    stats = SpecStats()
+    kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats)
+    gated = sampled_runs(model, sampler, 123, **kw)
     assert 0 < stats.gated < stats.verify_steps and stats.drafted[0] > 0
-    assert_same_distribution(runs[False], runs[True])
+    assert_same_distribution(plain_runs(), gated)  # test_speculative's plain runs, drawn once
 
 
 def feed(policy, rng, steps, accept_prob):

@@ -1,6 +1,7 @@
 """MTP speculative decoding: lossless (greedy identical, sampling same distribution),
 drafts equal to the teacher-forced MTP definition, stops, fallback and the CLI."""
 
+import functools
 import math
 import subprocess
 import sys
@@ -320,22 +321,30 @@ def sampling_model(seed: int):
     return model
 
 
+SAMPLED = dict(prompt=[1, 5, 3, 6, 2], N=400, T=4)  # the chi-square tests' runs
+
+
+def sampled_runs(model, sampler, seed, **kw) -> np.ndarray:
+    """[N, T] tokens of SAMPLED's generations from `seed` on."""
+    mx.random.seed(seed)
+    prompt, N, T = SAMPLED["prompt"], SAMPLED["N"], SAMPLED["T"]
+    return np.array([tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)])
+
+
+@functools.lru_cache(maxsize=None)
+def plain_runs() -> np.ndarray:
+    """Plain decoding's side of the chi-square tests here and in test_draft_gate: computed once
+    (the same samples either test drew on its own before)."""
+    return sampled_runs(sampling_model(0), make_sampler(temp=1.0, top_k=6), 321)
+
+
 def test_sampling_distribution_matches_plain():
     """Tokens 2..4 of many sampled generations, with and without MTP drafting: a chi-square
     two-sample test per position at alpha = 1e-3 (3 tests: false failure <= 3e-3)."""
     model = sampling_model(0)
     sampler = make_sampler(temp=1.0, top_k=6)
-    prompt, N, T = [1, 5, 3, 6, 2], 400, 4
-    runs = {}
-    for draft in (False, True):
-        mx.random.seed(123 if draft else 321)
-        runs[draft] = np.array(
-            [
-                tokens_of(model, prompt, max_tokens=T, sampler=sampler, draft_mtp=draft, num_draft=3)
-                for _ in range(N)
-            ]
-        )
-    assert_same_distribution(runs[False], runs[True])
+    drafted = sampled_runs(model, sampler, 123, draft_mtp=True, num_draft=3)
+    assert_same_distribution(plain_runs(), drafted)
 
 
 def test_cli_end_to_end(tiny_ckpt):
