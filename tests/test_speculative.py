@@ -14,6 +14,7 @@ import torch
 from factory import make_config
 from spec_models import successor_model
 
+import generate as generate_cli  # the script at the repository root (conftest)
 from mlx_step35 import generate, load, make_sampler, stream_generate
 from mlx_step35.config import parse_config
 from mlx_step35.generation import generate_step
@@ -347,10 +348,9 @@ def test_sampling_distribution_matches_plain():
     assert_same_distribution(plain_runs(), drafted)
 
 
-def test_cli_end_to_end(tiny_ckpt):
-    cmd = [
-        sys.executable,
-        str(ROOT / "generate.py"),
+def test_cli_end_to_end(tiny_ckpt, capsys):
+    """The real script once; its refusals in-process (the same main(), exit 2, one line)."""
+    args = [
         "--model",
         str(tiny_ckpt),
         "--draft-mtp",
@@ -361,7 +361,8 @@ def test_cli_end_to_end(tiny_ckpt):
         "--draft-min-confidence",
         "0",
     ]
-    r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, str(ROOT / "generate.py"), *args, "--num-draft", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
     for bad in (
@@ -370,9 +371,11 @@ def test_cli_end_to_end(tiny_ckpt):
         ["--model", str(tiny_ckpt) + "-missing"],
         ["--draft-min-confidence", "1"],
     ):
-        r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert r.returncode == 2
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        with pytest.raises(SystemExit) as e:
+            generate_cli.main(args + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("which", ["random_model", "mixed_model"])
