@@ -5,6 +5,8 @@ In float32 (`--dtype float32`): the ranks' all-sums add partial products in anot
 than one process does, which bf16 rounding could turn into a flipped near-tie.
 """
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from test_distributed import free_port_base, launch
+
+import generate as generate_cli  # the script at the repository root (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "mlx.launch --backend ring -n 2 -- python generate.py --draft-mtp"
@@ -36,16 +40,17 @@ def readme_args():
 
 @pytest.fixture(scope="module")
 def outputs(readme_args):
-    """The command as two ranks, then as one process (one launch for the module)."""
+    """The command as two ranks (one launch for the module), then generate.py's main() in this
+    process (the same code as one process runs; no second Python start-up)."""
     gen = [sys.executable, str(ROOT / "generate.py"), *readme_args]
-    run = lambda cmd: subprocess.run(  # noqa: E731
-        cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
+    two = subprocess.run(
+        [*launch(free_port_base()), *gen], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
     )
-    two = run([*launch(free_port_base()), *gen])
-    one = run(gen)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    assert one.returncode == 0, one.stderr[-2000:]
-    return two.stdout, one.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        generate_cli.main(readme_args)
+    return two.stdout, out.getvalue()
 
 
 def test_two_ranks_print_the_text_of_one_process(outputs):

@@ -6,7 +6,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from spec_models import successor_model
-from test_speculative import PROMPT, assert_same_distribution, chi2_sf, sampling_model, tokens_of
+from test_speculative import (
+    PROMPT,
+    SAMPLED,
+    assert_same_distribution,
+    chi2_sf,
+    plain_runs,
+    sampled_runs,
+    sampling_model,
+    tokens_of,
+)
 
 from mlx_step35 import load, make_sampler, speculative
 from mlx_step35.draft_policy import BUCKETS, AutoDraft, FixedDraft
@@ -158,41 +167,26 @@ def test_gate_rule_keeps_one_position_distributed_as_the_target():
     assert run(lambda q, d: q[0, d].item() >= 0.2) < 1e-4  # the biased rule is caught
 
 
-SAMPLING_PROMPT, RUNS, RUN_TOKENS = [1, 5, 3, 6, 2], 400, 4
-
-
-@pytest.fixture(scope="module")
-def plain_sampled():
-    """The sampling model, its sampler, and RUNS plain sampled continuations (shared by the rules)."""
-    model, sampler = sampling_model(0), make_sampler(temp=1.0, top_k=6)
-    mx.random.seed(321)
-    runs = [tokens_of(model, SAMPLING_PROMPT, max_tokens=RUN_TOKENS, sampler=sampler) for _ in range(RUNS)]
-    return model, sampler, np.array(runs)
-
-
 @pytest.mark.parametrize(
     "rule", [None, ("margin", (0.0, 0.5, 1.0))], ids=["default-rule", "margin-never-block-1"]
 )
-def test_gated_sampling_distribution_matches_plain(rule, plain_sampled, monkeypatch):
+def test_gated_sampling_distribution_matches_plain(rule, monkeypatch):
     """As test_speculative's chi-square test, with the gate at the median gate value of the
     sampled drafts: it stops some chains and lets others through (per position, false failure
     <= 1e-3). Under the default sampled rule, and under the top-1 minus top-2 margin with
     per-block factors, block 1 never gated (no chain may stop there)."""
-    model, sampler, plain = plain_sampled
+    model, sampler = sampling_model(0), make_sampler(temp=1.0, top_k=6)
     if rule is not None:
         monkeypatch.setitem(speculative.GATE_RULES, "sampled", rule)
     mx.random.seed(5)
-    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, SAMPLING_PROMPT, 40)))
+    threshold = float(np.median(confidences_of(model, monkeypatch, sampler, SAMPLED["prompt"], 40)))
     stats = SpecStats()
-    mx.random.seed(123)
     kw = dict(draft_mtp=True, num_draft=3, draft_min_confidence=threshold, stats=stats)
-    gated = [
-        tokens_of(model, SAMPLING_PROMPT, max_tokens=RUN_TOKENS, sampler=sampler, **kw) for _ in range(RUNS)
-    ]
+    gated = sampled_runs(model, sampler, 123, **kw)
     assert 0 < stats.gated < stats.verify_steps and stats.drafted[0] > 0
     if rule is not None:
         assert not any(n == 0 and blocks == 1 for n, blocks, _ in stats.steps)
-    assert_same_distribution(plain, np.array(gated))
+    assert_same_distribution(plain_runs(), gated)  # test_speculative's plain runs, drawn once
 
 
 def feed(policy, rng, steps, accept_prob):

@@ -6,6 +6,7 @@ import pytest
 from factory import make_checkpoint
 from spec_models import successor_model
 
+import generate as generate_cli  # the script at the repository root (conftest)
 from mlx_step35 import cache_files, load
 from mlx_step35.generation import generate_step
 from mlx_step35.prompt_cache import (
@@ -267,10 +268,11 @@ def test_store_full_disk_loses_the_file_not_the_answer(random_model, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_continues_a_saved_conversation(tmp_path):
+def test_cli_continues_a_saved_conversation(tmp_path, capsys):
     """generate.py --save-prompt-cache, then --prompt-cache-file: the second answer is that of
     a cold run over the whole re-rendered chat (demo model, its chat template, drafting), and
-    the second run reuses the first turn up to the end of its user message."""
+    the second run reuses the first turn up to the end of its user message. The second run is
+    the real script; the first and the refusal call the same main() in-process."""
     import json
     import subprocess
     import sys
@@ -283,26 +285,26 @@ def test_cli_continues_a_saved_conversation(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     f = tmp_path / "chat.safetensors"
-    common = [sys.executable, str(root / "generate.py"), "-m", "12", "--draft-mtp"]
-
-    def cli(*args):
-        r = subprocess.run(common + list(args), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.split("\n==========")[0], r.stdout
-
-    cli("--prompt", "def f(x):", "--save-prompt-cache", str(f))
+    common = ["-m", "12", "--draft-mtp"]
+    generate_cli.main(common + ["--prompt", "def f(x):", "--save-prompt-cache", str(f)])
+    assert "Prompt cache: " in capsys.readouterr().out
     messages = json.loads(mx.load(str(f), return_metadata=True)[1]["messages"])
     assert [m["role"] for m in messages] == ["user", "assistant"]
-    second, out = cli("--prompt", "class A:", "--prompt-cache-file", str(f), "--num-draft", "2")
+    script = [sys.executable, str(root / "generate.py"), *common]
+    r = subprocess.run(
+        script + ["--prompt", "class A:", "--prompt-cache-file", str(f), "--num-draft", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    second, out = r.stdout.split("\n==========")[0], r.stdout
     model, tok = load()
     first_user = build_prompt(tok, "def f(x):", generation_prompt=False)
     assert f"(after {len(first_user)} reused from the prompt cache)" in out
     cold = generate(model, tok, build_prompt(tok, "class A:", history=messages), 12)
     assert second == cold and cold
-    bad = subprocess.run(
-        common + ["--prompt-cache-file", str(tmp_path / "none.safetensors")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and "none.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(common + ["--prompt-cache-file", str(tmp_path / "none.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "none.safetensors" in err and "Traceback" not in err

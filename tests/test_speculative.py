@@ -1,6 +1,7 @@
 """MTP speculative decoding: lossless (greedy identical, sampling same distribution),
 drafts equal to the teacher-forced MTP definition, stops, fallback and the CLI."""
 
+import functools
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from factory import make_config
 from spec_models import successor_model
 
+import generate as generate_cli  # the script at the repository root (conftest)
 from mlx_step35 import generate, load, make_sampler, stream_generate
 from mlx_step35.config import parse_config
 from mlx_step35.generation import generate_step
@@ -320,28 +322,35 @@ def sampling_model(seed: int):
     return model
 
 
+SAMPLED = dict(prompt=[1, 5, 3, 6, 2], N=400, T=4)  # the chi-square tests' runs
+
+
+def sampled_runs(model, sampler, seed, **kw) -> np.ndarray:
+    """[N, T] tokens of SAMPLED's generations from `seed` on."""
+    mx.random.seed(seed)
+    prompt, N, T = SAMPLED["prompt"], SAMPLED["N"], SAMPLED["T"]
+    return np.array([tokens_of(model, prompt, max_tokens=T, sampler=sampler, **kw) for _ in range(N)])
+
+
+@functools.lru_cache(maxsize=None)
+def plain_runs() -> np.ndarray:
+    """Plain decoding's side of the chi-square tests here and in test_draft_gate: computed once
+    (the same samples either test drew on its own before)."""
+    return sampled_runs(sampling_model(0), make_sampler(temp=1.0, top_k=6), 321)
+
+
 def test_sampling_distribution_matches_plain():
     """Tokens 2..4 of many sampled generations, with and without MTP drafting: a chi-square
     two-sample test per position at alpha = 1e-3 (3 tests: false failure <= 3e-3)."""
     model = sampling_model(0)
     sampler = make_sampler(temp=1.0, top_k=6)
-    prompt, N, T = [1, 5, 3, 6, 2], 400, 4
-    runs = {}
-    for draft in (False, True):
-        mx.random.seed(123 if draft else 321)
-        runs[draft] = np.array(
-            [
-                tokens_of(model, prompt, max_tokens=T, sampler=sampler, draft_mtp=draft, num_draft=3)
-                for _ in range(N)
-            ]
-        )
-    assert_same_distribution(runs[False], runs[True])
+    drafted = sampled_runs(model, sampler, 123, draft_mtp=True, num_draft=3)
+    assert_same_distribution(plain_runs(), drafted)
 
 
-def test_cli_end_to_end(tiny_ckpt):
-    cmd = [
-        sys.executable,
-        str(ROOT / "generate.py"),
+def test_cli_end_to_end(tiny_ckpt, capsys):
+    """The real script once; its refusals in-process (the same main(), exit 2, one line)."""
+    args = [
         "--model",
         str(tiny_ckpt),
         "--draft-mtp",
@@ -352,7 +361,8 @@ def test_cli_end_to_end(tiny_ckpt):
         "--draft-min-confidence",
         "0",
     ]
-    r = subprocess.run(cmd + ["--num-draft", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, str(ROOT / "generate.py"), *args, "--num-draft", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Generation: 12 tokens" in r.stdout and "MTP acceptance by depth: 1:" in r.stdout
     for bad in (
@@ -361,9 +371,11 @@ def test_cli_end_to_end(tiny_ckpt):
         ["--model", str(tiny_ckpt) + "-missing"],
         ["--draft-min-confidence", "1"],
     ):
-        r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert r.returncode == 2
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        with pytest.raises(SystemExit) as e:
+            generate_cli.main(args + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("which", ["random_model", "mixed_model"])
