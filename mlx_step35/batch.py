@@ -315,7 +315,9 @@ class BatchEngine:
             self.model, [(t, r.g.cache, want) for (t, want, _), r in zip(inputs, self.running)]
         )
         mx.async_eval([lg for _, lg in passes if lg is not None])
-        lazy = [self._lazy(row, what, h, lg) for row, (_, _, what), (h, lg) in zip(self.running, inputs, passes)]
+        lazy = [
+            self._lazy(row, what, h, lg) for row, (_, _, what), (h, lg) in zip(self.running, inputs, passes)
+        ]
         mx.eval([a for arrays, _ in lazy for a in arrays])  # one sync for every row's chunk and plain token
         results = []
         for row, (t, want, what), (h, logits), (_, pick) in zip(self.running, inputs, passes, lazy):
