@@ -66,7 +66,7 @@ def prompts_for(kind, r, c, arm_tag, texts):
     out = []
     for i in range(c):
         n = LONG_TOKENS[(r + i) % len(LONG_TOKENS)]
-        out.append(f"# request {arm_tag} {r} {i}\n" + texts[n][(r + i) % 2])
+        out.append(f"# request {arm_tag} {r} {c} {i}\n" + texts[n][(r + i) % 2])
     return out
 
 
