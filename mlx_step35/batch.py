@@ -315,9 +315,13 @@ class BatchEngine:
             self.model, [(t, r.g.cache, want) for (t, want, _), r in zip(inputs, self.running)]
         )
         mx.async_eval([lg for _, lg in passes if lg is not None])
+        lazy = [
+            self._lazy(row, what, h, lg) for row, (_, _, what), (h, lg) in zip(self.running, inputs, passes)
+        ]
+        mx.eval([a for arrays, _ in lazy for a in arrays])  # one sync for every row's chunk and plain token
         results = []
-        for row, (t, want, what), (h, logits) in zip(self.running, inputs, passes):
-            results.append((row, self._after(row, what, h, logits, tic)))
+        for row, (t, want, what), (h, logits), (_, pick) in zip(self.running, inputs, passes, lazy):
+            results.append((row, self._after(row, what, h, logits, pick, tic)))
         if any(what[0] == "chunk" for _, _, what in inputs) or self.steps % DECODE_CLEAR_EVERY == 0:
             mx.clear_cache()  # a chunk's activations now (as prefill does), else as decoding does
         return results
@@ -344,21 +348,36 @@ class BatchEngine:
         )
         return (drafts.shape[0], gate, drafts, dists, confs)  # the gate may stop the chain early
 
-    def _after(self, row: Row, what: tuple, h: mx.array, logits: Optional[mx.array], tic: float):
-        """The row's share of the pass: prefill bookkeeping, or its next tokens."""
+    def _lazy(self, row: Row, what: tuple, h: mx.array, logits: Optional[mx.array]):
+        """The row's work before any sync, as lazy arrays that `_pass` evaluates for all rows
+        at once: a chunk's prefill bookkeeping (its state), and the token of a row that takes
+        one without drafts (its first, or a plain step). Returns (arrays, (lp, token) or None)."""
+        g, kind = row.g, what[0]
+        arrays = []
+        if kind == "chunk":
+            prefill_done(g, h, row.cuts[0][1])
+            arrays = prefill_state(g)
+        plain = kind == "decode" and (g.policy is None or (what[1] == 0 and g.policy.plain_check))
+        if logits is None or not (kind != "decode" or plain):
+            return arrays, None
+        drafts = what[2] if kind == "decode" else mx.array([], dtype=mx.int32)
+        lp = process_rows(logits, g.tokens, drafts, row.request.logits_processors)
+        key = None if g.sampler.greedy else g.rng()
+        tok = self.sync.array(g.sampler(lp, key))
+        return arrays + [tok], (lp, tok)
+
+    def _after(self, row: Row, what: tuple, h: mx.array, logits: Optional[mx.array], pick, tic: float):
+        """The row's share of the pass: prefill bookkeeping, or its next tokens (`pick`:
+        `_lazy`'s token, evaluated)."""
         g, procs = row.g, row.request.logits_processors
         kind = what[0]
         if kind == "chunk":
             s, e = row.cuts.pop(0)
-            prefill_done(g, h, e)
-            mx.eval(prefill_state(g))
             checkpoint_at(g, e)
             if logits is None:
                 return []
         if kind in ("chunk", "first"):
-            lp = process_rows(logits, g.tokens, mx.array([], dtype=mx.int32), procs)
-            key = None if g.sampler.greedy else g.rng()
-            tok = int(self.sync.array(g.sampler(lp, key)).item())
+            lp, tok = pick[0], int(pick[1].item())
             row.decoding = True
             if g.policy:
                 g.policy.observe_prefill(len(g.tokens) - g.start, time.perf_counter() - row.started)
@@ -367,11 +386,9 @@ class BatchEngine:
                 row.plain_since = time.perf_counter()
             return self._emit(row, [(tok, lp[0], False)])
         _, n, drafts, dists, confs = what
-        lp = process_rows(logits, g.tokens, drafts, procs)
         policy = g.policy
-        if policy is None or (n == 0 and policy.plain_check):  # a plain step, as plain_step samples
-            key = None if g.sampler.greedy else g.rng()
-            tok = int(self.sync.array(g.sampler(lp, key)).item())
+        if pick is not None:  # a plain step, as plain_step samples
+            lp, tok = pick[0], int(pick[1].item())
             if g.drafter is not None:
                 g.drafter.add_trunk(h)
             g.tokens.append(tok)
@@ -379,6 +396,7 @@ class BatchEngine:
                 g.stats.plain_tokens += 1
                 self._plain_report(row)
             return self._emit(row, [(tok, lp[0], False)])
+        lp = process_rows(logits, g.tokens, drafts, procs)
         n_acc, nxt = self.sync.ints(list(accept(drafts, dists, lp, g.sampler, g.rng)))  # rank 0 decides
         rewind(g.cache, n - n_acc)
         g.drafter.add_trunk(h[:, : n_acc + 1])
