@@ -2,8 +2,9 @@
 of them (continuous batching), each with its own MTP drafting.
 
 Each step packs, for every running row, the tokens it needs to run: a prompt chunk while
-it prefills (at most `prompt_concurrency` rows at once, one chunk each per step, so a long
-prompt delays the others by one chunk per step), else its last verified token and its own
+it prefills (at most `prompt_concurrency` rows at once, sharing one chunk's worth of tokens,
+`prefill_step_size`, per step: a long prompt delays the others by one chunk per step, and
+short prompts all start in the step they join), else its last verified token and its own
 drafts (0 to 3, its own depth, gate and policy). The pass reads the weights once for all
 rows (`steps.verify_rows`); attention runs per row over the row's own caches, so sliding
 windows, rewinds, quantized KV and prompt caches stay per row and exact. Then each row
@@ -49,7 +50,7 @@ from .steps import (
 )
 
 DECODE_CONCURRENCY = 8  # rows decoded together (mlx_lm.server's default)
-PROMPT_CONCURRENCY = 2  # rows prefilled together
+PROMPT_CONCURRENCY = 8  # rows prefilled together, sharing one chunk's tokens per step (mlx_lm.server's 8)
 
 
 @dataclass
@@ -294,8 +295,25 @@ class BatchEngine:
             self.waiting.remove(row)
 
     # -- the pass ---------------------------------------------------------------------
+    def _share_prefill(self):
+        """Cut this step's prompt chunks so that together they hold at most `prefill_step_size`
+        tokens: the prefilling rows share them, shortest remaining prompt first, each taking at
+        most an even share of what is left (at least one token). Short prompts then all start
+        in the step they join; a long one goes on at the chunk size when alone; the decoding
+        rows wait for one chunk's worth per step. (Where chunks end does not change a row's
+        tokens: each position's result is the same whatever the chunk.)"""
+        rows = [r for r in self.running if r.cuts]
+        budget = self.prefill_step_size
+        for k, row in enumerate(sorted(rows, key=lambda r: sum(e - s for s, e in r.cuts))):
+            s, e = row.cuts[0]
+            n = min(e - s, max(1, budget // (len(rows) - k)))
+            if n < e - s:
+                row.cuts[0:1] = [(s, s + n), (s + n, e)]
+            budget -= n
+
     def _pass(self):
         tic = time.perf_counter()
+        self._share_prefill()
         inputs = []  # per running row: (tokens [n] int32, logits wanted, what it is)
         for row in self.running:
             g = row.g

@@ -174,3 +174,22 @@ def test_quantized_kv_rows(tmp_path_factory):
     got, rows = run(engine, [BatchRequest(p, 24, **c) for p, c in zip(PROMPTS, cfgs)])
     assert got == want
     assert all(any(isinstance(c, FullKVCache) and c.q_len > 0 for c in r.g.cache) for r in rows)
+
+
+def test_short_prompts_start_together_beside_a_long_one(mixed):
+    """Prompts share one chunk of tokens per step, shortest first: three short prompts that
+    arrive with a long one all give their first token in the first step, the long one takes
+    the rest of the chunk, and every row's tokens are still those it gets alone."""
+    model, tok = mixed
+    cfg = dict(num_draft=1, **greedy_ungated)
+    prompts = [PROMPTS[7] * 2, PROMPTS[1], PROMPTS[5], PROMPTS[3]]  # 120 tokens, then 7, 9, 12
+    engine = BatchEngine(model, tok, prefill_step_size=64)
+    rows = [engine.insert(BatchRequest(p, 12, **cfg)) for p in prompts]
+    first = {row.uid: len(responses) for row, responses in engine.step()}
+    assert [first[r.uid] for r in rows] == [0, 1, 1, 1]
+    assert rows[0].cuts[0][0] == 64 - 7 - 9 - 12  # the long prompt ran what the short ones left
+    while engine.running:
+        engine.step()
+    assert [r.g.tokens[len(p) :] for r, p in zip(rows, prompts)] == [
+        alone(model, tok, p, cfg, 12) for p in prompts
+    ]

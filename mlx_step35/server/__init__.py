@@ -102,8 +102,8 @@ def parser() -> ArgumentParser:
         type=int,
         default=PROMPT_CONCURRENCY,
         metavar="N",
-        help="prompts prefilled together, in chunks interleaved with the others' decoding steps "
-        "(default %(default)s)",
+        help="prompts prefilled together (default %(default)s, as mlx_lm.server), sharing one chunk "
+        "of 2048 tokens per step, interleaved with the others' decoding steps",
     )
     add_kv_arguments(p)
     return p
