@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, grow_slack, kv_quant, rewind
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, kv_quant, rewind
 from .generation import GenerationResponse, Responses
 from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, Device, headroom, kv_bytes, wired_limit
@@ -46,6 +46,7 @@ from .steps import (
     prefill_state,
     prepare,
     process_rows,
+    sample,
     verify_rows,
 )
 
@@ -89,7 +90,6 @@ class Row:
     finish: Optional[str] = None  # "stop", "length", "cancelled" or "error"
     error: Optional[str] = None
     cancelled: bool = False
-    created: float = field(default_factory=time.perf_counter)
 
     @property
     def done(self) -> bool:
@@ -356,11 +356,9 @@ class BatchEngine:
         if n == 0 and g.policy.plain_check:  # auto chose plain decoding: a plain run starts
             row.plain, row.plain_timed, row.plain_since = True, 0, time.perf_counter()
             return (0, 0.0, *empty)
-        if n and g.slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
-            grow_slack(g.cache, g.slack)
-            g.slack = 0
         if not n:
             return (0, gate, *empty)
+        g.ready_to_draft()
         drafts, dists, confs = g.drafter.draft(
             g.tokens, n, g.sampler, row.request.logits_processors, gate, g.rng
         )
@@ -380,8 +378,7 @@ class BatchEngine:
             return arrays, None
         drafts = what[2] if kind == "decode" else mx.array([], dtype=mx.int32)
         lp = process_rows(logits, g.tokens, drafts, row.request.logits_processors)
-        key = None if g.sampler.greedy else g.rng()
-        tok = self.sync.array(g.sampler(lp, key))
+        tok = sample(self.sync, g, lp)
         return arrays + [tok], (lp, tok)
 
     def _after(self, row: Row, what: tuple, h: mx.array, logits: Optional[mx.array], pick, tic: float):

@@ -7,7 +7,7 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, grow_slack, kv_quant, rewind
+from .cache import KV_GROUP_SIZE, QUANTIZED_KV_START, kv_quant, rewind
 from .lockstep import lockstep
 from .memory import DECODE_CLEAR_EVERY, clearing_cache, wired_limit
 from .prompt_cache import PromptCache
@@ -152,7 +152,6 @@ def _plain_run(model, g, processors, count, policy=None):
     (depth, gate threshold) that ended the run, or None when `count` tokens are out."""
     tokens, cache, drafter = g.tokens, g.cache, g.drafter
     stats = g.stats if policy else None
-    greedy = g.sampler.greedy
     hist = mx.array(tokens[:-1], dtype=mx.uint32)  # the samplers' dtype: no casts per step
     sync = lockstep(model)
 
@@ -160,7 +159,7 @@ def _plain_run(model, g, processors, count, policy=None):
         nonlocal hist
         if processors:
             hist = mx.concatenate([hist, y])
-        tok, lp, h = plain_step(model, y, cache, g.sampler, processors, hist, None if greedy else g.rng())
+        tok, lp, h = plain_step(model, y, cache, g.sampler, processors, hist, g.key())
         return sync.array(tok), lp, h  # rank 0's token on every rank (tensor parallel)
 
     nxt = step(mx.array(tokens[-1:], dtype=mx.uint32))
@@ -209,7 +208,6 @@ def _speculative(model, g, processors, max_new):
     tokens, cache, drafter, policy, stats = g.tokens, g.cache, g.drafter, g.policy, g.stats
     n_out = 0
     sync = lockstep(model)
-    slack = g.slack
     choice = None  # (depth, gate threshold) of the next step, when already chosen
     step = None  # the next step, already queued: (depth, drafts, dists, confs, h, logprobs, start time)
     try:
@@ -223,9 +221,8 @@ def _speculative(model, g, processors, max_new):
                     choice = yield from _plain_run(model, g, processors, max_new - n_out, policy)
                     n_out += len(tokens) - start
                     continue
-                if n and slack:  # auto decodes plainly with slack 1 (as plain decoding does) until it drafts
-                    grow_slack(cache, slack)
-                    slack = 0
+                if n:
+                    g.ready_to_draft()
                 step = _queue_step(model, g, n, gate, processors)
             n, drafts, dists, confs, h, lp, tic = step
             n_acc, nxt = sync.ints(list(accept(drafts, dists, lp, g.sampler, g.rng)))  # rank 0 decides

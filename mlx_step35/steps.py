@@ -62,9 +62,20 @@ class Generation:
     rng: RandomStream
     stats: SpecStats
     start: int
-    slack: int  # rewind slack the trunk caches need once a step drafts
+    slack: int  # rewind slack the trunk caches still need before a step drafts (0: granted)
     marks: Optional[tuple] = None  # (checkpoint positions, prompt cache)
     prompt_cache: Optional[PromptCache] = None
+
+    def key(self) -> Optional[mx.array]:
+        """The random key of the next sampled token (None when greedy: nothing is drawn)."""
+        return None if self.sampler.greedy else self.rng()
+
+    def ready_to_draft(self):
+        """Before the first step that drafts: let the sliding caches rewind a verify step
+        (`auto` decodes plainly with plain decoding's slack of 1 until it drafts)."""
+        if self.slack:
+            grow_slack(self.cache, self.slack)
+            self.slack = 0
 
 
 def prepare(
@@ -211,13 +222,17 @@ def prefill(model, g: Generation, step: int, progress=None) -> mx.array:
     return h
 
 
+def sample(sync, g: Generation, logprobs: mx.array) -> mx.array:
+    """The next token drawn from `logprobs` [1, V] by g's sampler, with g's own random key:
+    rank 0's, on every rank (lazy)."""
+    return sync.array(g.sampler(logprobs, g.key()))
+
+
 def first_token(model, g: Generation, h: mx.array, processors=None) -> Tuple[int, mx.array]:
     """The token after the prompt, from the last prompt token's hidden states h [1, H]
     (rank 0's on every rank), with its log-probabilities [1, V]."""
     logprobs = process(model.logits(h), g.tokens, processors)
-    key = None if g.sampler.greedy else g.rng()
-    tok = int(lockstep(model).array(g.sampler(logprobs, key)).item())
-    return tok, logprobs
+    return int(sample(lockstep(model), g, logprobs).item()), logprobs
 
 
 def plain_step(model, y, cache, sampler, processors=None, hist=None, key=None):

@@ -195,7 +195,6 @@ class Engine:
         # to its end (a stop string ends it on every rank), even if its client has left.
         self.distributed = distributed
         self.prompt_cache = prompt_cache  # a PromptCacheStore, or None: every prompt from scratch
-        self.cached_tokens = 0  # of the job being served
         self.max_queue = max_queue
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
@@ -293,9 +292,7 @@ class Engine:
     def _returning(self, gen, pc):
         ok = False
         try:
-            for r in gen:
-                self.cached_tokens = pc.cached_tokens
-                yield r
+            yield from gen
             ok = True
         except (GeneratorExit, Cancelled):  # the caches hold what ran: consistent
             ok = True
@@ -355,13 +352,7 @@ class Engine:
 
     def _run_batch(self):
         """The batch loop: new jobs join between steps, each step advances every running row."""
-        self.batch = batch = BatchEngine(
-            self.model,
-            self.tokenizer,
-            decode_concurrency=self.decode_concurrency,
-            prompt_concurrency=self.prompt_concurrency,
-            **self.kv,
-        )
+        self.batch = batch = self._new_batch()
         stopping = False
         while not (stopping and not batch.running and not batch.waiting):
             idle = not batch.running and not batch.waiting
@@ -389,13 +380,7 @@ class Engine:
                     serving.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                 self._serving.clear()
                 batch.close()
-                self.batch = batch = BatchEngine(
-                    self.model,
-                    self.tokenizer,
-                    decode_concurrency=self.decode_concurrency,
-                    prompt_concurrency=self.prompt_concurrency,
-                    **self.kv,
-                )
+                self.batch = batch = self._new_batch()
                 continue
             for row, responses in events:
                 serving = self._serving.get(row.uid)
@@ -411,6 +396,15 @@ class Engine:
                 if row.done:
                     self._leave(serving, row)
         batch.close()
+
+    def _new_batch(self) -> BatchEngine:
+        return BatchEngine(
+            self.model,
+            self.tokenizer,
+            decode_concurrency=self.decode_concurrency,
+            prompt_concurrency=self.prompt_concurrency,
+            **self.kv,
+        )
 
     def _with_cache(self, req: GenRequest) -> BatchRequest:
         """The request as a generation runs it (`stream_generate`'s arguments, a batch row's),
